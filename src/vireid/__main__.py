@@ -1,0 +1,5 @@
+import sys
+
+from vireid.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""The ``vireid`` command: a thin layer over the library.
+
+Each sub-command lives in its own module ``vireid.cli.<name>`` exposing
+``register(subparsers) -> None``; the parser it adds sets ``func(args) -> int``.
+Heavy imports (torch, faiss) happen inside ``func`` so ``vireid --help`` stays fast.
+Bad user input raises :class:`vireid.errors.InputError`: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from vireid import __version__
+from vireid.errors import InputError
+
+COMMAND_MODULES = (
+    "demo", "synth", "train", "extract", "evaluate", "rerank",
+    "export", "index", "search", "serve", "ssft_reconstruct",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vireid",
+        description="Visible-infrared person re-identification: datasets, exact evaluation protocols, "
+        "affinity re-ranking (AIM, SIM, k-reciprocal), training of XIV / DF2AM / SAAI / cm-SSFT, "
+        "and a gallery search service.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vireid {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"vireid.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"vireid.cli.{name}":
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        print(f"vireid {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vireid {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction, name: str, help_text: str, description: str | None = None) -> argparse.ArgumentParser:
+    """A sub-parser with defaults shown in ``--help``."""
+    return subparsers.add_parser(
+        name, help=help_text, description=description or help_text,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: image records, dataset adapters, evaluation protocols, samplers and transforms."""
