@@ -65,10 +65,14 @@ class FeatureSet:
             return int(self.trial_query_index.shape[0])
         return 1
 
+    def trial_rows(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """The query rows and gallery rows of trial ``t`` (all rows when there are no trial indices)."""
+        return (_trial_rows(self.trial_query_index, t, len(self.query_id)),
+                _trial_rows(self.trial_gallery_index, t, len(self.gallery_id)))
+
     def trial(self, t: int) -> "FeatureSet":
         """The single-trial view of trial ``t`` (rows selected, no trial indices)."""
-        q_rows = _trial_rows(self.trial_query_index, t, len(self.query_id))
-        g_rows = _trial_rows(self.trial_gallery_index, t, len(self.gallery_id))
+        q_rows, g_rows = self.trial_rows(t)
         extras = {}
         for key, arr in self.extras.items():
             if key.startswith("query_") and arr.shape[:1] == self.query_id.shape:

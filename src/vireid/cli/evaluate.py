@@ -1,0 +1,172 @@
+"""``vireid evaluate``: metrics of a feature file (or of a distance / ranked lists computed from it)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from vireid.cli import add_subcommand
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from vireid.evaluation.evaluator import DistanceFn
+    from vireid.features import FeatureSet
+
+PROTOCOL_CHOICES = ("sysu", "regdb", "llcm", "market")
+
+DESCRIPTION = """\
+Evaluate FEATURES.npz (keys query_feat, gallery_feat, query_id, gallery_id, query_cam, gallery_cam;
+optional trial_query_index / trial_gallery_index for several trials) under a protocol and print
+CMC rank-1/5/10/20, mAP and mINP in percent. The default distance is the negative inner product of
+L2-normalised features; a file from an XIV model (key gallery_feat_x) uses XIV's Eq. 2 distance instead. Queries without a valid true match are skipped and counted, as the reference
+evaluators do. Protocols: sysu (AGW eval_sysu: cam-3 queries ignore cam-2 gallery, identity-level CMC),
+regdb (AGW eval_regdb: nothing removed, image-level CMC), llcm (LLCM eval_llcm: same identity and
+camera removed, identity-level CMC), market (Market-1501/torchreid: same identity and camera removed,
+image-level CMC)."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_subcommand(subparsers, "evaluate", "Evaluate features, a distance matrix or ranked lists "
+                            "under a protocol (CMC, mAP, mINP).", DESCRIPTION)
+    parser.add_argument("features", metavar="FEATURES.npz", help="feature file (see above)")
+    parser.add_argument("--protocol", required=True, choices=PROTOCOL_CHOICES,
+                        help="evaluation protocol: gallery removal rule and CMC kind")
+    parser.add_argument("--json", metavar="OUT.json", help="also write the result as JSON (metrics as fractions, "
+                        "protocol, distance method and parameters, per-trial results, skipped queries)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--distance", metavar="D.npy", help="evaluate this precomputed (Q, G) distance over all "
+                        "rows of FEATURES.npz (smaller = closer) instead of computing one")
+    source.add_argument("--ranked", metavar="RANKS.npz", help="evaluate ranked lists: key ranked_index (Q, K) of "
+                        "gallery rows, best first, -1 pads; positives outside a list count as not retrieved")
+    source.add_argument("--rerank", metavar="M", help="re-rank with method M (plain, aim, sgr, mnnr, sim, krr) "
+                        "per trial, then evaluate")
+    parser.add_argument("--variant", choices=("reference", "paper"),
+                        help="with --rerank: reproduce the reference code or the paper's equations "
+                        "(unset: the method's own default)")
+    parser.add_argument("--preset", metavar="P", help="with --rerank: the papers' parameters for a protocol "
+                        "(sysu, sysu-multishot, sysu-indoor, regdb)")
+    parser.add_argument("--param", metavar="NAME=VALUE", action="append", default=[],
+                        help="with --rerank: set one method parameter, overriding the preset (repeatable)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="precision of the computed distance (plain or re-ranked)")
+    parser.add_argument("--max-rank", type=int, default=20, help="longest CMC rank reported")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from vireid.errors import InputError
+    from vireid.evaluation.evaluator import (
+        evaluate_features,
+        evaluate_precomputed,
+        evaluate_ranked_lists,
+    )
+    from vireid.evaluation.report import format_table, write_result_json
+    from vireid.features import load_features
+
+    if args.max_rank < 1:
+        raise InputError(f"--max-rank must be >= 1, got {args.max_rank}")
+    rerank_only = [flag for flag, value in (("--variant", args.variant), ("--preset", args.preset),
+                                            ("--param", args.param)) if value]
+    if rerank_only and not args.rerank:
+        raise InputError(f"{', '.join(rerank_only)} only apply with --rerank")
+    features = load_features(args.features)
+    if args.distance:
+        dist = _load_npy(Path(args.distance))
+        evaluation = evaluate_precomputed(features, dist, args.protocol, source=args.distance,
+                                          max_rank=args.max_rank)
+        name = f"precomputed ({Path(args.distance).name})"
+    elif args.ranked:
+        ranked_index = _load_ranked(Path(args.ranked))
+        evaluation = evaluate_ranked_lists(features, ranked_index, args.protocol, source=args.ranked,
+                                           max_rank=args.max_rank)
+        name = f"ranked lists ({Path(args.ranked).name})"
+    elif args.rerank:
+        distance_fn, info = _rerank_distance(args, features)
+        evaluation = evaluate_features(features, args.protocol, distance_fn=distance_fn, distance_info=info,
+                                       max_rank=args.max_rank)
+        name = f"{info['method']} ({info['variant']})"
+    elif "gallery_feat_x" in features.extras:
+        from vireid.models.methods.xiv import xiv_distance
+
+        dtype = np.dtype(args.dtype)
+        evaluation = evaluate_features(
+            features, args.protocol, distance_fn=lambda trial: xiv_distance(trial, dtype=dtype),
+            distance_info={"method": "xiv", "equation": "XIV Eq. 2", "dtype": args.dtype}, max_rank=args.max_rank)
+        name = "xiv (Eq. 2)"
+    else:
+        evaluation = evaluate_features(features, args.protocol, dtype=np.dtype(args.dtype), max_rank=args.max_rank)
+        name = "plain"
+    rows = [(f"trial {t}", r) for t, r in enumerate(evaluation.trials)] if len(evaluation.trials) > 1 else []
+    mean = evaluation.mean
+    rows.append((name if len(evaluation.trials) == 1 else f"{name}, mean", mean))
+    print(f"protocol {evaluation.protocol.name}: {evaluation.protocol.removal}; "
+          f"{evaluation.protocol.cmc_kind}-level CMC; {len(evaluation.trials)} trial(s)")
+    print(format_table(rows))
+    if mean.num_skipped:
+        print(f"skipped {mean.num_skipped} of {mean.num_queries} queries without a valid true match in the gallery")
+    if args.json:
+        write_result_json(args.json, evaluation)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    import numpy as np
+
+    from vireid.errors import InputError
+
+    if not path.is_file():
+        raise InputError(f"{path}: distance file not found")
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{path}: not a readable .npy file ({exc})") from None
+
+
+def _load_ranked(path: Path) -> np.ndarray:
+    import numpy as np
+
+    from vireid.errors import InputError
+
+    if not path.is_file():
+        raise InputError(f"{path}: ranked-list file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "ranked_index" not in z.files:
+                raise InputError(f"{path}: missing key ranked_index (has: {', '.join(z.files) or 'nothing'})")
+            return z["ranked_index"]
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+
+
+def _rerank_distance(args: argparse.Namespace, features: FeatureSet) -> tuple[DistanceFn, dict]:
+    """Validate the re-ranking options once (smallest trial gallery), then re-rank each trial."""
+    from vireid.retrieval import rerank, resolve_rerank
+
+    params = _parse_params(args.param)
+    smallest_gallery = min(len(features.trial_rows(t)[1]) for t in range(features.num_trials))
+    settings = resolve_rerank(args.rerank, num_gallery=smallest_gallery, variant=args.variant, params=params,
+                              preset=args.preset, dtype=args.dtype)
+
+    def distance(trial: FeatureSet) -> np.ndarray:
+        return rerank(settings.method, trial.query_feat, trial.gallery_feat, variant=settings.variant,
+                      params=settings.params, dtype=settings.dtype)
+
+    return distance, settings.to_dict()
+
+
+def _parse_params(items: list[str]) -> dict[str, str]:
+    from vireid.errors import InputError
+
+    params = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise InputError(f"--param {item!r}: expected NAME=VALUE, e.g. k1=20")
+        params[name.strip()] = value.strip()
+    return params

@@ -1,0 +1,216 @@
+"""Evaluator (trials, distance hook, precomputed distances, ranked lists) and reports (table, JSON, HTML)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from vireid.errors import InputError
+from vireid.evaluation.evaluator import (
+    evaluate_features,
+    evaluate_precomputed,
+    evaluate_ranked_lists,
+    plain_distance,
+)
+from vireid.evaluation.metrics import evaluate_distance, get_protocol
+from vireid.evaluation.report import (
+    RankList,
+    cmc_svg,
+    evaluation_to_dict,
+    feature_rank_lists,
+    format_table,
+    select_queries,
+    top_rank_lists,
+    write_html_report,
+    write_result_json,
+)
+from vireid.features import FeatureSet
+
+
+def _feature_set(seed: int = 0, trials: int = 3) -> FeatureSet:
+    """Identity-clustered features: 8 ids, IR queries (cams 3/6), visible gallery (cams 1/2/4/5), 3 trials."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((8, 16))
+    q_id = np.repeat(np.arange(8), 4)
+    g_id = np.repeat(np.arange(8), 8)
+    q_cam = np.tile([3, 3, 6, 6], 8)
+    g_cam = np.tile([1, 2, 4, 5], 16)
+    query = (centres[q_id] + 0.9 * rng.standard_normal((len(q_id), 16))).astype(np.float32)
+    gallery = (centres[g_id] + 0.9 * rng.standard_normal((len(g_id), 16))).astype(np.float32)
+    trial_gallery = np.stack([np.sort(rng.choice(len(g_id), 40, replace=False)) for _ in range(trials)])
+    return FeatureSet(query, gallery, q_id, g_id, q_cam, g_cam, trial_gallery_index=trial_gallery)
+
+
+def test_plain_distance_is_negative_cosine_in_chunks() -> None:
+    fs = _feature_set()
+    qn = fs.query_feat / np.linalg.norm(fs.query_feat, axis=1, keepdims=True)
+    gn = fs.gallery_feat / np.linalg.norm(fs.gallery_feat, axis=1, keepdims=True)
+    chunked = plain_distance(fs.query_feat, fs.gallery_feat, chunk_size=5)
+    assert chunked.dtype == np.float32
+    np.testing.assert_allclose(chunked, -(qn @ gn.T), atol=1e-6)
+    exact = plain_distance(fs.query_feat, fs.gallery_feat, dtype=np.float64)
+    np.testing.assert_allclose(exact, -(qn.astype(np.float64) @ gn.astype(np.float64).T), atol=1e-6)
+
+
+def test_plain_float64_distance_reproduces_golden_plain_metrics(sysu_golden: dict[str, np.ndarray]) -> None:
+    z = sysu_golden
+    fs = FeatureSet(z["query_feat"], z["gallery_feat"], z["query_id"], z["gallery_id"], z["query_cam"], z["gallery_cam"])
+    dist = plain_distance(fs.query_feat, fs.gallery_feat, dtype=np.float64)
+    assert np.abs(dist - z["dist_plain"]).max() < 1e-12
+    result = evaluate_features(fs, "sysu", dtype=np.float64).mean
+    np.testing.assert_allclose(result.cmc, z["cmc_plain"], atol=1e-6)
+    assert result.mAP == pytest.approx(float(z["mAP_plain"]), abs=1e-9)
+
+
+def test_trials_are_evaluated_separately_and_averaged() -> None:
+    fs = _feature_set()
+    evaluation = evaluate_features(fs, "sysu")
+    assert len(evaluation.trials) == 3
+    for t, result in enumerate(evaluation.trials):
+        trial = fs.trial(t)
+        direct = evaluate_distance(plain_distance(trial.query_feat, trial.gallery_feat), trial.query_id,
+                                   trial.gallery_id, trial.query_cam, trial.gallery_cam, "sysu")
+        np.testing.assert_array_equal(result.cmc, direct.cmc)
+        assert result.mAP == direct.mAP
+    mean = evaluation.mean
+    assert mean.mAP == pytest.approx(np.mean([r.mAP for r in evaluation.trials]))
+    assert mean.num_queries == 3 * len(fs.query_id)
+
+
+def test_distance_hook_receives_each_trial_view() -> None:
+    fs = _feature_set()
+    seen = []
+
+    def hook(trial: FeatureSet) -> np.ndarray:
+        seen.append(len(trial.gallery_id))
+        return plain_distance(trial.query_feat, trial.gallery_feat)
+
+    evaluation = evaluate_features(fs, "market", distance_fn=hook, distance_info={"method": "custom", "k": 3})
+    assert seen == [40, 40, 40]
+    assert evaluation.distance == {"method": "custom", "k": 3}
+    with pytest.raises(InputError, match=r"trial 0: the distance has shape \(32, 39\)"):
+        evaluate_features(fs, "sysu", distance_fn=lambda trial: np.zeros((32, 39)))
+
+
+def test_precomputed_distance_is_sliced_per_trial() -> None:
+    fs = _feature_set()
+    full = plain_distance(fs.query_feat, fs.gallery_feat)
+    pre = evaluate_precomputed(fs, full, "llcm")
+    computed = evaluate_features(fs, "llcm")
+    for a, b in zip(pre.trials, computed.trials):
+        np.testing.assert_array_equal(a.cmc, b.cmc)
+        assert a.mAP == pytest.approx(b.mAP, abs=1e-12)
+    assert pre.distance["method"] == "precomputed"
+    with pytest.raises(InputError, match=r"shape \(32, 63\) does not match"):
+        evaluate_precomputed(fs, full[:, :-1], "llcm", source="D.npy")
+    full[3, 5] = np.inf
+    with pytest.raises(InputError, match="non-finite value inf"):
+        evaluate_precomputed(fs, full, "regdb", source="D.npy")
+
+
+def test_ranked_lists_over_file_rows_are_restricted_to_each_trial() -> None:
+    fs = _feature_set()
+    full = plain_distance(fs.query_feat, fs.gallery_feat)
+    ranked = np.argsort(full, axis=1, kind="stable")
+    by_lists = evaluate_ranked_lists(fs, ranked, "sysu")
+    by_distance = evaluate_precomputed(fs, full, "sysu")
+    for a, b in zip(by_lists.trials, by_distance.trials):
+        np.testing.assert_array_equal(a.cmc, b.cmc)
+        assert a.mAP == pytest.approx(b.mAP, abs=1e-12)
+    assert by_lists.distance == {"method": "ranked", "source": "ranked_index", "list_length": 64}
+    with pytest.raises(InputError, match="R.npz: ranked_index has 31 rows"):
+        evaluate_ranked_lists(fs, ranked[:-1], "sysu", source="R.npz")
+
+
+def test_table_prints_percent_and_json_holds_fractions(tmp_path) -> None:
+    evaluation = evaluate_features(_feature_set(), "sysu", distance_info={"method": "aim", "variant": "reference",
+                                                                         "params": {"k1": 4, "k2": 1}})
+    table = format_table([("aim", evaluation.mean)])
+    mean = evaluation.mean
+    assert f"{100 * mean.mAP:.2f}" in table and f"{100 * mean.rank(1):.2f}" in table
+    assert table.splitlines()[0].split()[:5] == ["method", "R1", "R5", "R10", "R20"]
+    write_result_json(tmp_path / "r.json", evaluation)
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data == json.loads(json.dumps(evaluation_to_dict(evaluation)))
+    assert len(data["cmc"]) == 20 and data["mAP"] == pytest.approx(mean.mAP)
+    assert data["protocol"]["name"] == "sysu" and data["protocol"]["num_trials"] == 3
+    assert data["distance"]["params"] == {"k1": 4, "k2": 1}
+    assert len(data["trials"]) == 3 and "num_skipped" in data["trials"][0]
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_cmc_svg_draws_one_curve_per_method() -> None:
+    svg = cmc_svg({"plain": np.linspace(0.3, 0.9, 20), "aim": np.linspace(0.5, 1.0, 20)})
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and ">aim</text>" in svg
+    with pytest.raises(InputError):
+        cmc_svg({})
+
+
+def test_top_rank_lists_apply_the_protocol_removal() -> None:
+    dist = np.array([[0.1, 0.2, 0.3, 0.4]])
+    g_id, g_cam = np.array([5, 6, 5, 7]), np.array([2, 1, 1, 4])
+    (lst,) = top_rank_lists(dist, ["q.jpg"], ["a", "b", "c", "d"], np.array([5]), g_id, np.array([3]), g_cam,
+                            get_protocol("sysu"), [0], top=2)
+    assert lst.gallery_paths == ["b", "c"] and lst.matches == [False, True]
+    picked = select_queries(100, 5, seed=1)
+    assert len(set(picked.tolist())) == 5 and np.array_equal(picked, select_queries(100, 5, seed=1))
+
+
+def test_html_report_embeds_thumbnails_framed_by_match(tmp_path) -> None:
+    from PIL import Image
+
+    paths = []
+    for i, colour in enumerate(["red", "green", "blue"]):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (48, 96), colour).save(path)
+        paths.append(str(path))
+    evaluation = evaluate_features(_feature_set(), "sysu")
+    lists = {"plain": [RankList(paths[0], 3, paths[1:], [3, 4], [0.1, 0.2])]}
+    out = write_html_report(tmp_path / "report.html", "demo", [("plain", evaluation.mean)], rank_lists=lists,
+                            notes=["synthetic data"])
+    page = out.read_text()
+    assert page.count("data:image/jpeg;base64,") == 3
+    assert re.search(r'class="match"><img', page) and re.search(r'class="miss"><img', page)
+    assert "<svg" in page and "synthetic data" in page and f"{100 * evaluation.mean.mAP:.2f}" in page
+    with pytest.raises(InputError, match="missing.png"):
+        write_html_report(tmp_path / "bad.html", "demo", [("plain", evaluation.mean)],
+                          rank_lists={"plain": [RankList(str(tmp_path / "missing.png"), 1, [], [], [])]})
+
+
+def test_feature_rank_lists_need_image_paths() -> None:
+    fs = _feature_set().trial(0)
+    dist = plain_distance(fs.query_feat, fs.gallery_feat)
+    with pytest.raises(InputError, match="query_path / gallery_path"):
+        feature_rank_lists(fs, dist, get_protocol("sysu"))
+    fs.extras["query_path"] = np.array([f"q{i}.jpg" for i in range(len(fs.query_id))])
+    fs.extras["gallery_path"] = np.array([f"g{i}.jpg" for i in range(len(fs.gallery_id))])
+    lists = feature_rank_lists(fs, dist, get_protocol("sysu"), count=4, seed=2, top=10)
+    assert len(lists) == 4 and all(len(lst.gallery_paths) == 10 for lst in lists)
+    assert all(lst.distances == sorted(lst.distances) for lst in lists)
+
+
+def test_overlapping_trials_share_one_plain_distance() -> None:
+    fs = _feature_set(trials=6)  # 6 trials x 40 of 64 gallery rows: the union is smaller than their sum
+    evaluation = evaluate_features(fs, "sysu")
+    for t, result in enumerate(evaluation.trials):
+        trial = fs.trial(t)
+        direct = evaluate_distance(plain_distance(trial.query_feat, trial.gallery_feat), trial.query_id,
+                                   trial.gallery_id, trial.query_cam, trial.gallery_cam, "sysu")
+        np.testing.assert_array_equal(result.cmc, direct.cmc)
+        assert result.mAP == pytest.approx(direct.mAP, abs=1e-12)
+
+
+def test_disjoint_trials_compute_their_own_plain_distance() -> None:
+    fs = _feature_set(trials=2)
+    fs.trial_query_index = np.stack([np.arange(0, 32, 2), np.arange(1, 32, 2)])  # union area > sum of trials
+    fs.trial_gallery_index = np.stack([np.arange(0, 64, 2), np.arange(1, 64, 2)])
+    evaluation = evaluate_features(fs, "market")
+    for t, result in enumerate(evaluation.trials):
+        trial = fs.trial(t)
+        direct = evaluate_distance(plain_distance(trial.query_feat, trial.gallery_feat), trial.query_id,
+                                   trial.gallery_id, trial.query_cam, trial.gallery_cam, "market")
+        np.testing.assert_array_equal(result.cmc, direct.cmc)
+        assert result.num_queries == 16
