@@ -9,6 +9,12 @@ Training step, as the engine runs it::
         adv = model.adversary_loss(outputs, labels, modality)  # uses detached inputs
         adv.backward(); adversary_optimizer.step()
 
+How the engine (``vireid.engine.trainer``) treats a model: ``forward`` runs through the DDP
+wrapper, ``compute_loss`` / ``adversary_loss`` on the unwrapped model; parameters under a
+``backbone`` attribute train at ``optim.lr * optim.backbone_lr_factor``, the rest at
+``optim.lr``; adversary parameters get their own optimiser (``optim.adversary_lr``) and, under
+DDP, are left out of DDP's reducer (the engine averages their gradients across ranks).
+
 Extraction (eval mode): ``model.extract(images, modality)`` returns at least ``"feat"``
 (B, d); extra entries become extra arrays of the feature file (``query_<name>`` /
 ``gallery_<name>``). After all images are extracted, ``model.finalize_features`` may

@@ -1,0 +1,50 @@
+"""``vireid train``: train a method from a YAML config, or resume a run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from vireid.cli import add_subcommand
+from vireid.errors import InputError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_subcommand(
+        subparsers, "train", "train a VI-ReID model from a YAML config",
+        description="Train a method (baseline, xiv, df2am, saai, ssft) as a YAML config says. "
+        "Checkpoints, TensorBoard logs and summary.json go to output_dir. "
+        "Multi-process: torchrun --nproc_per_node=N -m vireid train --config ...",
+    )
+    parser.add_argument("--config", metavar="CONFIG.yaml",
+                        help="training config (see configs/); required unless --resume is given")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="override a config value, dotted key, YAML value (e.g. --set optim.lr=0.01); repeatable")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR exactly where its last checkpoint stopped, with "
+                        "the config stored there (--set may change it, e.g. epochs)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vireid.engine.config import load_train_config
+    from vireid.engine.trainer import resume_config, train
+
+    if args.resume and args.config:
+        raise InputError("--resume continues with the run's stored config; give --set to change it, not --config")
+    if not args.resume and not args.config:
+        raise InputError("give --config CONFIG.yaml (or --resume RUN_DIR)")
+    if args.resume:
+        cfg = resume_config(args.resume, args.overrides)
+    else:
+        cfg = load_train_config(args.config, args.overrides)
+    summary = train(cfg, resume=bool(args.resume))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    best = summary["best"]
+    line = {"run_dir": summary["run_dir"], "epochs": summary["epochs"], "wall_time_s": round(summary["wall_time_s"], 1)}
+    if best is not None:
+        line["best"] = {k: (f"{100 * v:.2f}%" if k in ("rank1", "rank5", "mAP", "mINP") else v) for k, v in best.items()}
+    print(json.dumps(line))
+    return 0

@@ -1,0 +1,97 @@
+"""Identity-balanced cross-modality sampler: composition, epoch length, determinism, resume, DDP slices."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from vireid.data.records import ImageRecord, Modality
+from vireid.data.sampler import CrossModalityBatchSampler
+from vireid.errors import InputError
+
+
+def _records(ids: int = 6, visible: int = 5, infrared: int = 3) -> list[ImageRecord]:
+    out = []
+    for pid in range(ids):
+        out += [ImageRecord(Path(f"v{pid}_{k}.jpg"), 100 + pid, 1, Modality.VISIBLE) for k in range(visible)]
+        out += [ImageRecord(Path(f"i{pid}_{k}.jpg"), 100 + pid, 3, Modality.INFRARED) for k in range(infrared)]
+    return out
+
+
+def test_batch_composition() -> None:
+    records = _records()
+    sampler = CrossModalityBatchSampler(records, num_ids=3, per_modality=4, seed=0)
+    for batch in sampler:
+        assert len(batch) == 24
+        for block in range(3):
+            chunk = [records[i] for i, _ in batch[block * 8:(block + 1) * 8]]
+            assert len({r.pid for r in chunk}) == 1
+            assert [r.modality for r in chunk] == [Modality.VISIBLE] * 4 + [Modality.INFRARED] * 4
+        assert len({records[i].pid for i, _ in batch}) == 3
+        # visible has 5 >= 4 images per id: drawn without replacement
+        for block in range(3):
+            assert len({i for i, _ in batch[block * 8:block * 8 + 4]}) == 4
+
+
+def test_epoch_length_definitions() -> None:
+    records = _records(ids=7, visible=5, infrared=3)
+    by_images = CrossModalityBatchSampler(records, num_ids=2, per_modality=2, epoch_length="images")
+    assert len(by_images) == math.ceil(35 / 4)
+    assert len(list(by_images)) == len(by_images)
+    by_ids = CrossModalityBatchSampler(records, num_ids=2, per_modality=2, epoch_length="identities")
+    assert len(by_ids) == 4
+    seen = [records[i].pid for batch in by_ids for i, _ in batch]
+    assert set(seen) == {100 + p for p in range(7)}
+
+
+def test_identities_balanced_within_epoch() -> None:
+    records = _records(ids=6)
+    sampler = CrossModalityBatchSampler(records, num_ids=2, per_modality=2, epoch_length="images")
+    batches = list(sampler)[:3]  # 3 batches x 2 ids = every identity exactly once
+    pids = [records[b[k][0]].pid for b in batches for k in (0, 4)]
+    assert sorted(pids) == [100 + p for p in range(6)]
+
+
+def test_deterministic_and_epoch_dependent() -> None:
+    records = _records()
+    a = CrossModalityBatchSampler(records, 2, 2, seed=5)
+    b = CrossModalityBatchSampler(records, 2, 2, seed=5)
+    assert list(a) == list(b)
+    b.set_state(epoch=1)
+    assert list(a) != list(b)
+    c = CrossModalityBatchSampler(records, 2, 2, seed=6)
+    assert list(c) != list(a)
+
+
+def test_resume_mid_epoch() -> None:
+    records = _records()
+    sampler = CrossModalityBatchSampler(records, 2, 2, seed=1)
+    sampler.set_state(epoch=2)
+    full = list(sampler)
+    resumed = CrossModalityBatchSampler(records, 2, 2, seed=1)
+    resumed.set_state(epoch=2, position=3)
+    resumed.load_state_dict(resumed.state_dict())
+    assert list(resumed) == full[3:]
+    with pytest.raises(InputError, match="seed"):
+        CrossModalityBatchSampler(records, 2, 2, seed=2).load_state_dict(resumed.state_dict())
+
+
+def test_distributed_ranks_are_disjoint_slices() -> None:
+    records = _records()
+    whole = list(CrossModalityBatchSampler(records, 4, 2, seed=3))
+    parts = [list(CrossModalityBatchSampler(records, 4, 2, seed=3, rank=r, world_size=2)) for r in range(2)]
+    for b, (p0, p1) in enumerate(zip(*parts)):
+        assert p0 + p1 == whole[b]
+        assert {records[i].pid for i, _ in p0}.isdisjoint({records[i].pid for i, _ in p1})
+    with pytest.raises(InputError, match="divisible"):
+        CrossModalityBatchSampler(records, 3, 2, world_size=2)
+
+
+def test_identities_missing_a_modality_are_skipped() -> None:
+    records = _records(ids=3) + [ImageRecord(Path("only_vis.jpg"), 999, 1, Modality.VISIBLE)]
+    sampler = CrossModalityBatchSampler(records, 3, 1)
+    assert all(records[i].pid != 999 for batch in sampler for i, _ in batch)
+    with pytest.raises(InputError, match="identities"):
+        CrossModalityBatchSampler(records, 4, 1)
