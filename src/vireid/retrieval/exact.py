@@ -1,0 +1,169 @@
+"""Building blocks of the exact re-rankers: normalisation, blocked Gram matrices, top-k graphs.
+
+Every re-ranker needs inner products of L2-normalised features (``Q·Gᵀ``, ``G·Gᵀ`` and, for
+k-reciprocal re-ranking, ``Q·Qᵀ``).  They are computed in row blocks of at most
+:data:`BLOCK_ELEMENTS` entries, so no dense ``G×G`` or ``(Q+G)²`` matrix ever exists; from each
+block only what a method needs is kept (its top-k neighbours, its row minimum).
+
+Distances of unit vectors follow from similarities: ``‖a − b‖² = 2 − 2 aᵀb`` (clipped at 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from vireid.errors import InputError
+
+WORKER_THREADS = 2
+"""Threads of the blocked numpy loops that release the GIL (the machine's two cores)."""
+
+BLOCK_ELEMENTS = 1 << 22
+"""Entries of one similarity block (16 MiB in float32)."""
+
+NORM_EPS = 1e-12
+"""Lower bound on a row norm in :func:`l2_normalize` (as ``torch.nn.functional.normalize``)."""
+
+
+def resolve_dtype(dtype: object) -> np.dtype:
+    """``float32`` or ``float64``; anything else is an :class:`InputError`."""
+    try:
+        resolved = np.dtype(dtype)  # type: ignore[call-overload]
+    except TypeError:
+        raise InputError(f"dtype {dtype!r} is not a NumPy dtype (use float32 or float64)") from None
+    if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise InputError(f"dtype {resolved} is not supported (use float32 or float64)")
+    return resolved
+
+
+def check_variant(variant: str) -> None:
+    """``reference`` or ``paper``; anything else is an :class:`InputError`."""
+    if variant not in ("reference", "paper"):
+        raise InputError(f"unknown variant {variant!r} (choose from reference, paper)")
+
+
+def l2_normalize(features: np.ndarray, dtype: np.dtype, *, name: str) -> np.ndarray:
+    """Row-wise L2 normalisation in ``dtype``: ``x / max(‖x‖, 1e-12)``, C-contiguous."""
+    x = np.asarray(features)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0 or not np.issubdtype(x.dtype, np.floating):
+        raise InputError(f"{name} must be a non-empty 2-D float array (n, d), got {x.dtype} {x.shape}")
+    if not np.isfinite(x).all():
+        raise InputError(f"{name} contains non-finite values")
+    x = np.ascontiguousarray(x, dtype=dtype)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
+    return x / np.maximum(norms, dtype.type(NORM_EPS))
+
+
+def block_rows(num_rows: int, row_length: int) -> Iterator[slice]:
+    """Consecutive row slices holding at most :data:`BLOCK_ELEMENTS` entries each."""
+    step = max(1, BLOCK_ELEMENTS // max(row_length, 1))
+    for start in range(0, num_rows, step):
+        yield slice(start, min(start + step, num_rows))
+
+
+def squared_distance_from_similarity(similarity: np.ndarray) -> np.ndarray:
+    """``‖a − b‖² = 2 − 2 aᵀb`` for unit vectors, in place, clipped at 0."""
+    similarity *= -2
+    similarity += 2
+    np.maximum(similarity, 0, out=similarity)
+    return similarity
+
+
+def euclidean_from_similarity(similarity: np.ndarray) -> np.ndarray:
+    """``‖a − b‖`` for unit vectors, in place."""
+    return np.sqrt(squared_distance_from_similarity(similarity), out=similarity)
+
+
+def topk_largest(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the ``k`` largest values and their columns, largest first (``(values, index)``)."""
+    import torch
+
+    values, index = torch.topk(torch.from_numpy(block), k, dim=1, largest=True, sorted=True)
+    return values.numpy(), index.numpy().astype(np.int64, copy=False)
+
+
+def topk_smallest(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the ``k`` smallest values and their columns, smallest first (``(values, index)``)."""
+    import torch
+
+    values, index = torch.topk(torch.from_numpy(block), k, dim=1, largest=False, sorted=True)
+    return values.numpy(), index.numpy().astype(np.int64, copy=False)
+
+
+@dataclass(frozen=True)
+class NeighbourGraph:
+    """Top-k neighbours of every row of a set among the columns of another (or the same) set.
+
+    ``index`` int64 ``(n, k)`` and ``sim`` ``(n, k)``: most similar first; in a self graph the
+    item itself is column 0 with similarity exactly 1 (distance 0, as ``cdist`` gives).
+    ``min_sim`` ``(n,)``: the smallest similarity of each row over *all* columns, i.e. the row's
+    largest squared distance is ``2 − 2·min_sim``.
+    """
+
+    index: np.ndarray
+    sim: np.ndarray
+    min_sim: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.index.shape[1])
+
+    def max_squared_distance(self) -> np.ndarray:
+        """``(n,)`` largest squared Euclidean distance of each row over all columns."""
+        return squared_distance_from_similarity(self.min_sim.copy())
+
+
+def top_k_neighbours(rows: np.ndarray, columns: np.ndarray, k: int, *, self_graph: bool) -> NeighbourGraph:
+    """Top-``k`` most similar ``columns`` of each of ``rows`` (unit vectors), blocked over rows.
+
+    ``self_graph=True`` means ``rows`` and ``columns`` are the same set: each row's own entry
+    is set to similarity 1 so it ranks first (the ``cdist`` convention of the references).
+    """
+    n, m = rows.shape[0], columns.shape[0]
+    if not 1 <= k <= m:
+        raise InputError(f"k={k} must lie in [1, {m}] (the number of items searched)")
+    index = np.empty((n, k), dtype=np.int64)
+    sim = np.empty((n, k), dtype=rows.dtype)
+    min_sim = np.empty(n, dtype=rows.dtype)
+    for part in block_rows(n, m):
+        block = rows[part] @ columns.T
+        if self_graph:
+            local = np.arange(part.stop - part.start)
+            block[local, local + part.start] = 1
+        min_sim[part] = block.min(axis=1)
+        sim[part], index[part] = topk_largest(block, k)
+    return NeighbourGraph(index=index, sim=sim, min_sim=min_sim)
+
+
+def graph_pair_similarity(features: np.ndarray, graph: NeighbourGraph, rows: np.ndarray,
+                          cols: np.ndarray) -> np.ndarray:
+    """``features[rows[t]] · features[cols[t]]``, read from the self graph where the pair is listed
+    (computed by :func:`pair_similarity` only for the others)."""
+    n, k = graph.index.shape
+    listed = np.arange(n).repeat(k) * n + graph.index.ravel()
+    order = np.argsort(listed, kind="stable")
+    listed = listed[order]
+    wanted = rows.astype(np.int64) * n + cols
+    pos = np.minimum(np.searchsorted(listed, wanted), len(listed) - 1)
+    found = listed[pos] == wanted
+    out = np.empty(len(rows), dtype=graph.sim.dtype)
+    out[found] = graph.sim.ravel()[order[pos[found]]]
+    missing = ~found
+    out[missing] = pair_similarity(features, features, rows[missing], cols[missing])
+    return out
+
+
+def pair_similarity(left: np.ndarray, right: np.ndarray, left_rows: np.ndarray, right_rows: np.ndarray) -> np.ndarray:
+    """``left[left_rows[t]] · right[right_rows[t]]`` for every t, blocked to bound memory."""
+    out = np.empty(len(left_rows), dtype=left.dtype)
+    step = max(1, BLOCK_ELEMENTS // max(left.shape[1], 1))
+    for start in range(0, len(left_rows), step):
+        stop = start + step
+        out[start:stop] = np.einsum("ij,ij->i", left[left_rows[start:stop]], right[right_rows[start:stop]])
+    return out
