@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vireid.cli import add_subcommand
+from vireid.cli.options import parse_key_values
 
 if TYPE_CHECKING:
     import numpy as np
@@ -148,7 +149,7 @@ def _rerank_distance(args: argparse.Namespace, features: FeatureSet) -> tuple[Di
     """Validate the re-ranking options once (smallest trial gallery), then re-rank each trial."""
     from vireid.retrieval import rerank, resolve_rerank
 
-    params = _parse_params(args.param)
+    params = parse_key_values(args.param, "--param", typed=False)
     smallest_gallery = min(len(features.trial_rows(t)[1]) for t in range(features.num_trials))
     settings = resolve_rerank(args.rerank, num_gallery=smallest_gallery, variant=args.variant, params=params,
                               preset=args.preset, dtype=args.dtype)
@@ -158,15 +159,3 @@ def _rerank_distance(args: argparse.Namespace, features: FeatureSet) -> tuple[Di
                       params=settings.params, dtype=settings.dtype)
 
     return distance, settings.to_dict()
-
-
-def _parse_params(items: list[str]) -> dict[str, str]:
-    from vireid.errors import InputError
-
-    params = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip() or not value.strip():
-            raise InputError(f"--param {item!r}: expected NAME=VALUE, e.g. k1=20")
-        params[name.strip()] = value.strip()
-    return params

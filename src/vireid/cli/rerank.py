@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from vireid.cli import add_subcommand
+from vireid.cli.options import parse_key_values
 
 if TYPE_CHECKING:
     from vireid.features import FeatureSet
@@ -49,9 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from vireid.features import load_features
     from vireid.io import save_npy_atomic
     from vireid.retrieval import rerank, resolve_rerank
-    from vireid.retrieval.presets import parse_assignments
 
-    params = parse_assignments(args.param)
+    params = parse_key_values(args.param, "--param", typed=False)
     features = load_features(args.features)
     if args.topk is not None:
         return run_ranked(args, features, params)

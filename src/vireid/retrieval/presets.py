@@ -193,14 +193,3 @@ def _parse(spec: ParamSpec, raw: object, method: str) -> int | float:
 def _suggest(name: str, choices: object) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1)  # type: ignore[call-overload]
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def parse_assignments(items: list[str], *, flag: str = "--param") -> dict[str, str]:
-    """``["k1=20", "lam=0.3"]`` → ``{"k1": "20", "lam": "0.3"}`` (values parsed later by :func:`resolve_params`)."""
-    params: dict[str, str] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip() or not value.strip():
-            raise InputError(f"{flag} {item!r}: expected NAME=VALUE, e.g. k1=20")
-        params[name.strip()] = value.strip()
-    return params
