@@ -1,0 +1,183 @@
+"""The search service over HTTP: results, enrolment with a token, bad input, load, restart."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_serve_support import RunningServer, build_image_index, person_image
+from vireid.serve.app import ServiceConfig
+
+TOKEN = "test-token-7f3a"
+LIMIT = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_image_index(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def server(index_dir: Path):
+    with RunningServer(index_dir, ServiceConfig(token=TOKEN, max_upload_bytes=LIMIT)) as running:
+        yield running
+
+
+@pytest.fixture()
+def client(server: RunningServer):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def _query(client: httpx.Client, data: bytes, name: str = "q.jpg", **fields: str) -> httpx.Response:
+    return client.post("/search", files={"image": (name, data, "image/jpeg")}, data=fields)
+
+
+def test_health_openapi_and_page(client: httpx.Client) -> None:
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["count"] == 24 and health["dim"] == 512
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/search", "/gallery", "/gallery/{item_id}", "/gallery/{item_id}/thumbnail", "/health"} <= set(paths)
+    page = client.get("/")
+    assert page.status_code == 200 and "search-form" in page.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+@pytest.mark.parametrize("rerank", ["plain", "aim", "sim", "mnnr", "krr"])
+def test_search_ranks_the_same_person_first(client: httpx.Client, rerank: str) -> None:
+    response = _query(client, person_image(5, 11), modality="infrared", topk="4", rerank=rerank)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["rerank"] == rerank and len(body["results"]) == 4
+    assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4]
+    distances = [r["distance"] for r in body["results"]]
+    assert distances == sorted(distances)
+    assert all(r["name"].startswith("0005_") for r in body["results"][:3])
+    thumb = client.get(body["results"][0]["thumbnail_url"])
+    assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).format == "JPEG"
+
+
+def test_bad_input_gets_4xx_with_a_message(client: httpx.Client) -> None:
+    good = person_image(1, 1)
+    icon = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(icon, format="ICO")
+    cases = {
+        "unsupported format": (_query(client, icon.getvalue(), name="x.ico"), 400, "not a readable image"),
+        "not an image": (_query(client, b"hello, not an image"), 400, "not a readable image"),
+        "truncated": (_query(client, good[: len(good) // 2]), 400, "not a readable image"),
+        "empty": (_query(client, b""), 400, "empty"),
+        "too big": (_query(client, b"\xff" * (LIMIT + 1)), 413, "exceeds the limit"),
+        "modality": (_query(client, good, modality="ultraviolet"), 400, "modality"),
+        "rerank": (_query(client, good, rerank="magic"), 400, "rerank"),
+        "topk": (_query(client, good, topk="0"), 400, "topk"),
+        "topk type": (_query(client, good, topk="many"), 400, "topk"),
+        "no file": (client.post("/search", data={"topk": "3"}), 400, "image"),
+        "bad id": (client.get("/gallery/abc"), 400, "item_id"),
+        "unknown id": (client.get("/gallery/100000"), 404, "not found"),
+        "negative id": (client.get("/gallery/-1/image"), 404, "not found"),
+    }
+    for name, (response, status, text) in cases.items():
+        assert response.status_code == status, name
+        assert text in response.json()["detail"], name
+
+
+def test_decompression_bomb_is_refused(client: httpx.Client) -> None:
+    out = io.BytesIO()
+    Image.new("L", (12_000, 12_000)).save(out, format="PNG")  # ~140 KB on the wire, 144 Mpixel decoded
+    response = _query(client, out.getvalue(), name="bomb.png")
+    assert response.status_code == 413
+    assert "pixels" in response.json()["detail"] or "bomb" in response.json()["detail"]
+
+
+def test_enrolment_requires_the_token(client: httpx.Client) -> None:
+    files = {"images": ("x.jpg", person_image(30, 0), "image/jpeg")}
+    assert client.post("/gallery", files=files).status_code == 401
+    for header in ("Bearer wrong", "Basic " + TOKEN, TOKEN, "Bearer"):
+        response = client.post("/gallery", files=files, headers={"Authorization": header})
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+
+
+def test_client_names_never_become_paths(client: httpx.Client, index_dir: Path) -> None:
+    response = client.post("/gallery", files={"images": ("../../../../tmp/evil.jpg", person_image(31, 0), "image/jpeg")},
+                           headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 201
+    (new_id,) = response.json()["ids"]
+    item = client.get(f"/gallery/{new_id}").json()
+    assert item["name"] == "evil.jpg"
+    assert not Path("/tmp/evil.jpg").exists()
+    assert all(p.resolve().is_relative_to(index_dir) for p in index_dir.rglob("*"))
+    assert client.get("/static/../index.py").status_code == 404
+
+
+def test_server_follows_versions_written_by_another_process(client: httpx.Client, index_dir: Path) -> None:
+    from vireid.serve.index import GalleryIndex, GalleryItem, NewImage, add_to_index
+
+    before = client.get("/health").json()
+    index = GalleryIndex.open(index_dir)
+    add_to_index(index_dir, index.feats[:1] + 0.01, [NewImage(GalleryItem(name="from_cli.jpg", pid=99))])
+    after = client.get("/health").json()
+    assert after["count"] == before["count"] + 1 and after["version"] != before["version"]
+    assert client.get(f"/gallery/{before['count']}").json()["name"] == "from_cli.jpg"
+
+
+def test_load_then_restart_keeps_every_enrolled_image(server: RunningServer, index_dir: Path) -> None:
+    """>= 500 queries from 8 concurrent clients while images are enrolled; then a fresh server."""
+    clients, per_client = 8, 63
+    latencies: list[float] = []
+    errors: list[str] = []
+    enrolled: dict[int, str] = {}
+    queries = [person_image(1 + i % 8, 20 + i) for i in range(16)]
+    lock = threading.Lock()
+
+    def worker(w: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            for i in range(per_client):
+                rerank = ("aim", "sim", "plain", "krr")[(w + i) % 4]
+                start = time.perf_counter()
+                response = _query(c, queries[(w * per_client + i) % 16], modality="infrared", topk="10", rerank=rerank)
+                elapsed = time.perf_counter() - start
+                with lock:
+                    latencies.append(elapsed)
+                    if response.status_code != 200 or len(response.json()["results"]) != 10:
+                        errors.append(f"{response.status_code}: {response.text[:200]}")
+
+    def enroller() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            for n in range(3):
+                name = f"enrolled_{n}.png"
+                response = c.post("/gallery", files={"images": (name, person_image(40 + n, 0, fmt="PNG"), "image/png")},
+                                  data={"pid": str(40 + n), "cam": "2"}, headers={"Authorization": f"Bearer {TOKEN}"})
+                if response.status_code != 201:
+                    errors.append(f"enrol {response.status_code}: {response.text[:200]}")
+                    continue
+                enrolled[response.json()["ids"][0]] = name
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(clients)] + [threading.Thread(target=enroller)]
+    wall = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - wall
+    assert errors == []
+    assert len(latencies) == clients * per_client >= 500 and len(enrolled) == 3
+    p50, p95 = np.percentile(latencies, [50, 95]) * 1000
+    print(f"\nload: {len(latencies)} queries, {clients} clients, 0 errors, p50 {p50:.1f} ms, p95 {p95:.1f} ms, "
+          f"{len(latencies) / wall:.1f} queries/s")
+
+    with RunningServer(index_dir, ServiceConfig(token=TOKEN)) as restarted, httpx.Client(base_url=restarted.url) as c:
+        health = c.get("/health").json()
+        assert health["count"] >= 24 + 3
+        for item_id, name in enrolled.items():
+            item = c.get(f"/gallery/{item_id}").json()
+            assert item["name"] == name and item["cam"] == 2
+            assert c.get(item["image_url"]).status_code == 200
+        best = _query(c, person_image(41, 5), topk="1").json()["results"][0]
+        assert best["name"] == "enrolled_1.png"
