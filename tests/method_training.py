@@ -1,7 +1,8 @@
 """Train a method's tiny config for 2 epochs on CPU and check it learned (shared by test_method_*.py).
 
-The data is a tiny identity-coloured manifest dataset (visible: a two-colour pattern per
-identity; infrared: its luminance), so the check runs in seconds without the synthetic renderer.
+The data is a tiny rendered synthetic SYSU-MM01-layout set (``vireid.data.synthetic``, 32×16
+images), read by the real SYSU adapter. ``write_tiny_manifest`` writes an even smaller
+identity-coloured CSV-manifest set for tests of the engine itself.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from PIL import Image
 from vireid.data.datasets import build_dataset
 from vireid.data.image_dataset import ImageDataset
 from vireid.data.records import relabel
+from vireid.data.synthetic import SynthConfig, render_dataset
 from vireid.data.transforms import TransformConfig, TrainTransform
 from vireid.engine.checkpoint import load_checkpoint_model
 from vireid.engine.config import load_train_config
@@ -56,17 +58,23 @@ def _fixed_batch_loss(model: torch.nn.Module, dataset: ImageDataset, indices: li
     return float(loss)
 
 
+def render_tiny_sysu(root: Path) -> Path:
+    """12 synthetic identities in the SYSU-MM01 layout, 3 images per camera, 32×16 pixels."""
+    render_dataset(SynthConfig("sysu", num_ids=12, seed=7, images_per_camera=3, height=32, width=16), root)
+    return root
+
+
 def train_tiny_config(method: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> dict[str, object]:
-    """Train ``configs/<method>_synthetic_tiny.yaml`` (2 epochs) on a tiny manifest; return what tests check."""
-    manifest = write_tiny_manifest(tmp_path)
-    overrides = ["data.dataset=manifest", f"data.root={manifest}", "data.val_ids=2", "sampler.epoch_length=images",
+    """Train ``configs/<method>_synthetic_tiny.yaml`` (2 epochs) on the tiny synthetic set; return what tests check."""
+    root = render_tiny_sysu(tmp_path / "sysu")
+    overrides = ["data.dataset=sysu", f"data.root={root}", "data.val_ids=2", "sampler.epoch_length=images",
                  f"output_dir={tmp_path / 'run'}", "progress_bar=false", "transforms.height=32",
                  "transforms.width=16", "transforms.pad=2", *extra]
     cfg = load_train_config(REPO / "configs" / f"{method}_synthetic_tiny.yaml", overrides)
     summary = train(cfg)
 
     train_records, val_records = split_validation_identities(
-        list(build_dataset("manifest", manifest).train), cfg.data.val_ids, cfg.data.val_seed)
+        list(build_dataset("sysu", root).train), cfg.data.val_ids, cfg.data.val_seed)
     label_map = relabel(train_records)
     trained, _ = load_checkpoint_model(tmp_path / "run" / "checkpoints" / "last.pt")
     with torch.random.fork_rng(devices=[]):

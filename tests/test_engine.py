@@ -10,11 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from vireid.cli import main as cli_main
 from vireid.engine.checkpoint import load_checkpoint, load_checkpoint_model
@@ -23,31 +21,14 @@ from vireid.engine.schedule import lr_factor
 from vireid.engine.trainer import train
 from vireid.errors import InputError
 
+from method_training import write_tiny_manifest
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _write_manifest(root: Path, ids: int = 8, per_modality: int = 3) -> Path:
-    """Tiny identities: a colour pattern per identity (visible) and its luminance (infrared)."""
-    rng = np.random.default_rng(0)
-    rows = ["path,person_id,camera,modality,split"]
-    for pid in range(ids):
-        top, bottom = rng.integers(0, 256, size=3), rng.integers(0, 256, size=3)
-        for k in range(per_modality):
-            base = np.zeros((32, 16, 3))
-            base[:16], base[16:] = top, bottom
-            noisy = np.clip(base + rng.normal(0, 20, base.shape), 0, 255)
-            for modality, cam, pixels in (("visible", 1, noisy), ("infrared", 3, noisy.mean(2, keepdims=True).repeat(3, 2))):
-                name = f"{pid:02d}_{modality}_{k}.png"
-                Image.fromarray(pixels.astype(np.uint8)).save(root / name)
-                rows.append(f"{name},{pid},{cam},{modality},train")
-    manifest = root / "manifest.csv"
-    manifest.write_text("\n".join(rows) + "\n")
-    return manifest
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_manifest(tmp_path_factory.mktemp("data"))
+    return write_tiny_manifest(tmp_path_factory.mktemp("data"), ids=8)
 
 
 def _config_dict(manifest: Path, out: Path, **extra: object) -> dict:

@@ -67,7 +67,7 @@ def test_min_max_alternation_through_the_engine(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The tiny config trained once (2 epochs on the tiny manifest): (folder, what method_training returns)."""
+    """The tiny config trained once (2 epochs on the tiny synthetic set): (folder, what method_training returns)."""
     root = tmp_path_factory.mktemp("ssft_tiny")
     return root, train_tiny_config("ssft", root, ("sampler.epoch_length=identities",))
 
@@ -88,7 +88,8 @@ def test_tiny_config_trains_on_cpu(trained):
 
 
 def test_reconstruct_command_writes_the_figure(checkpoint, capsys):
-    images = sorted(str(p) for p in checkpoint.glob("*_visible_0.png"))[:2] + [str(checkpoint / "00_infrared_0.png")]
+    images = (sorted(str(p) for p in checkpoint.glob("sysu/cam[1245]/*/0001.jpg"))[:2]
+              + sorted(str(p) for p in checkpoint.glob("sysu/cam[36]/*/0001.jpg"))[:1])
     out = checkpoint / "figure.png"
     code = main(["ssft-reconstruct", "--checkpoint", str(checkpoint / "run"), "--images", *images,
                  "--modality", "visible", "visible", "infrared", "--out", str(out)])
@@ -101,7 +102,7 @@ def test_reconstruct_command_writes_the_figure(checkpoint, capsys):
 
 
 def test_reconstruct_command_rejects_bad_input(checkpoint, capsys):
-    image = str(checkpoint / "00_visible_0.png")
+    image = sorted(str(p) for p in checkpoint.glob("sysu/cam[1245]/*/0001.jpg"))[0]
     assert main(["ssft-reconstruct", "--checkpoint", str(checkpoint / "run"), "--images", image, image,
                  "--modality", "visible", "infrared", "visible", "--out", str(checkpoint / "x.png")]) == 2
     assert "--modality" in capsys.readouterr().err
@@ -112,30 +113,18 @@ def test_reconstruct_command_rejects_bad_input(checkpoint, capsys):
 
 
 @pytest.mark.parametrize("mode", ["all", "single"])
-def test_finalized_feature_file_evaluates_in_both_test_modes(checkpoint, capsys, mode):
-    """What `vireid extract --method-option mode=...` writes (extraction, LLCM protocol with two
-    trials, finalize_features, save), then `vireid evaluate` on it."""
-    from vireid.data.datasets import build_dataset
-    from vireid.data.protocols import llcm_protocol, protocol_feature_set, protocol_images
-    from vireid.engine.checkpoint import load_checkpoint_model
-    from vireid.engine.extraction import extract_features
-    from vireid.features import load_features, save_features
+def test_extract_and_evaluate_in_both_test_modes(checkpoint, capsys, mode):
+    """`vireid extract --method-option mode=...` (SYSU protocol, two seeded trials), then `vireid evaluate`."""
+    from vireid.features import load_features
 
-    model, cfg = load_checkpoint_model(checkpoint / "run")
-    records = build_dataset("manifest", checkpoint / "manifest.csv").train   # its images, as a test set
-    protocol = llcm_protocol(records, trials=[0, 1])
-    queries, galleries = protocol_images(protocol)
-    q, g = (extract_features(model, images, cfg.transforms, batch_size=8) for images in (queries, galleries))
-    fs = protocol_feature_set(protocol, q.pop("feat"), g.pop("feat"))
-    for side, outputs in (("query", q), ("gallery", g)):
-        fs.extras.update({f"{side}_{key}": value for key, value in outputs.items()})
     path = checkpoint / f"features_{mode}.npz"
-    save_features(path, model.finalize_features(fs, mode=mode, k=2))
-
+    assert main(["extract", "--checkpoint", str(checkpoint / "run"), "--protocol", "sysu",
+                 "--protocol-param", "permutations=seeded", "--protocol-param", "trials=[0, 1]",
+                 "--method-option", f"mode={mode}", "--method-option", "k=2", "--out", str(path)]) == 0
     saved = load_features(path)
     assert saved.meta["ssft"]["mode"] == mode and saved.num_trials == 2
-    assert saved.query_feat.shape[0] == 2 * len(queries)        # each trial owns its query rows
+    assert saved.query_feat.shape[0] == 2 * saved.trial_query_index.shape[1]   # each trial owns its query rows
     extra = ["--ranked", str(path)] if mode == "single" else []
     capsys.readouterr()
-    assert main(["evaluate", str(path), "--protocol", "llcm", *extra]) == 0
+    assert main(["evaluate", str(path), "--protocol", "sysu", *extra]) == 0
     assert "mAP" in capsys.readouterr().out

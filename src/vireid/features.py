@@ -72,7 +72,12 @@ class FeatureSet:
 
     def trial(self, t: int) -> "FeatureSet":
         """The single-trial view of trial ``t`` (rows selected, no trial indices)."""
-        q_rows, g_rows = self.trial_rows(t)
+        return self.select_rows(*self.trial_rows(t))
+
+    def select_rows(self, q_rows: np.ndarray, g_rows: np.ndarray, *,
+                    trial_query_index: np.ndarray | None = None,
+                    trial_gallery_index: np.ndarray | None = None) -> "FeatureSet":
+        """A new set of the query rows ``q_rows`` and gallery rows ``g_rows`` (per-row extras follow)."""
         extras = {}
         for key, arr in self.extras.items():
             if key.startswith("query_") and arr.shape[:1] == self.query_id.shape:
@@ -84,6 +89,7 @@ class FeatureSet:
         return FeatureSet(
             self.query_feat[q_rows], self.gallery_feat[g_rows], self.query_id[q_rows],
             self.gallery_id[g_rows], self.query_cam[q_rows], self.gallery_cam[g_rows],
+            trial_query_index=trial_query_index, trial_gallery_index=trial_gallery_index,
             extras=extras, meta=dict(self.meta),
         )
 

@@ -400,20 +400,10 @@ def _expand_trials(features: FeatureSet) -> FeatureSet:
                           features.query_cam, features.gallery_cam, extras=dict(features.extras),
                           meta=dict(features.meta))
     rows = [features.trial_rows(t) for t in range(features.num_trials)]
-    q_rows, g_rows = np.concatenate([q for q, _ in rows]), np.concatenate([g for _, g in rows])
-    extras = {}
-    for key, arr in features.extras.items():
-        if key.startswith("query_") and arr.shape[:1] == features.query_id.shape:
-            extras[key] = arr[q_rows]
-        elif key.startswith("gallery_") and arr.shape[:1] == features.gallery_id.shape:
-            extras[key] = arr[g_rows]
-        else:
-            extras[key] = arr
-    return FeatureSet(
-        features.query_feat[q_rows], features.gallery_feat[g_rows], features.query_id[q_rows],
-        features.gallery_id[g_rows], features.query_cam[q_rows], features.gallery_cam[g_rows],
+    return features.select_rows(
+        np.concatenate([q for q, _ in rows]), np.concatenate([g for _, g in rows]),
         trial_query_index=_block_index([len(q) for q, _ in rows]),
-        trial_gallery_index=_block_index([len(g) for _, g in rows]), extras=extras, meta=dict(features.meta))
+        trial_gallery_index=_block_index([len(g) for _, g in rows]))
 
 
 def _block_index(sizes: list[int]) -> np.ndarray:
