@@ -1,0 +1,145 @@
+"""Gallery neighbour graphs as N×k arrays, and the sparse neighbour sets built from them.
+
+Everything here is O(N·k) memory and chunked over rows; nothing is N×N dense. Sparse row sets
+are ``scipy.sparse.csr_matrix`` (N×N, sorted column indices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from vireid.errors import InputError
+
+if TYPE_CHECKING:
+    from vireid.retrieval.knn import NeighbourIndex
+
+_ROW_CHUNK = 8192
+_BLOCK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class NeighbourGraph:
+    """Top-k neighbours of every base item, best first, itself at column 0.
+
+    ``index`` int64 (N, k), ``sim`` float (N, k): inner products of L2-normalised features.
+    """
+
+    index: np.ndarray
+    sim: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.index.shape[1])
+
+    def distance(self, k: int | None = None) -> np.ndarray:
+        """Euclidean distances ``sqrt(2 − 2s)`` of the first ``k`` columns (self exactly 0), float32."""
+        sim = np.asarray(self.sim[:, : self.k if k is None else k], dtype=np.float32)
+        dist = np.sqrt(np.maximum(2.0 - 2.0 * sim, 0.0), dtype=np.float32)
+        dist[:, 0] = 0.0
+        return dist
+
+    def as_graph(self, k: int | None = None) -> "NeighbourGraph":
+        """The first ``k`` columns (the interface shared with ``exact.TopKNeighbours``)."""
+        k = self.k if k is None else k
+        return NeighbourGraph(self.index[:, :k], self.sim[:, :k])
+
+
+def build_graph(index: NeighbourIndex, k: int) -> NeighbourGraph:
+    """The k-nearest-neighbour graph of the index's base vectors (self at column 0, similarity 1)."""
+    idx, sim = index.self_search(k)
+    return NeighbourGraph(index=idx, sim=sim)
+
+
+def farthest_similarity(features: np.ndarray, *, sample_size: int = 2048, seed: int = 0,
+                        progress: bool = False) -> np.ndarray:
+    """(N,) smallest similarity of each row to the rows of ``features`` (unit vectors).
+
+    Exact when N <= ``sample_size``; beyond, the minimum over ``sample_size`` rows drawn with
+    ``seed`` (one N×sample matmul): the row maximum of the squared distances that SIM's MNNR and
+    k-reciprocal re-ranking divide by, estimated without an N×N pass.
+    """
+    n = len(features)
+    if n <= sample_size:
+        sample = features
+    else:
+        sample = features[np.sort(np.random.default_rng(seed).choice(n, sample_size, replace=False))]
+    out = np.empty(n, dtype=np.float32)
+    step = max(1, _BLOCK_ELEMENTS // len(sample))
+    for start in tqdm(range(0, n, step), desc="farthest sample", disable=not progress):
+        out[start:start + step] = (features[start:start + step] @ sample.T).min(axis=1)
+    return out
+
+
+def _require_columns(graph: NeighbourGraph, k: int, what: str) -> None:
+    if graph.k < k:
+        raise InputError(f"{what} needs {k} neighbours per item but the graph has k={graph.k}")
+
+
+def rows_to_csr(index: np.ndarray, values: np.ndarray, n_cols: int) -> sp.csr_matrix:
+    """A CSR matrix whose row i holds ``values[i]`` at columns ``index[i]`` (no duplicates; inputs copied)."""
+    n, k = index.shape
+    matrix = sp.csr_matrix(
+        (np.array(values, dtype=np.float32).ravel(), np.array(index).ravel(), np.arange(0, n * k + 1, k)),
+        shape=(n, n_cols),
+    )
+    matrix.sort_indices()
+    return matrix
+
+
+def reverse_neighbours(graph: NeighbourGraph, k: int) -> sp.csr_matrix:
+    """Row n lists the items j with n among the first ``k`` neighbours of j (pattern only)."""
+    _require_columns(graph, k, "reverse_neighbours")
+    forward = rows_to_csr(graph.index[:, :k], np.ones((graph.n, k), dtype=np.float32), graph.n)
+    return forward.T.tocsr()
+
+
+def reciprocal_mask(graph: NeighbourGraph, k: int, *, progress: bool = False) -> np.ndarray:
+    """(N, k+1) bool: ``graph.index[i, c]`` has i among its own first k+1 neighbours (Zhong et al. Eq. 3)."""
+    _require_columns(graph, k + 1, f"k-reciprocal sets with k={k}")
+    mask = np.empty((graph.n, k + 1), dtype=bool)
+    for start in tqdm(range(0, graph.n, _ROW_CHUNK), desc=f"reciprocal k={k}", disable=not progress):
+        rows = np.arange(start, min(start + _ROW_CHUNK, graph.n))
+        forward = graph.index[rows, : k + 1]
+        backward = graph.index[forward, : k + 1]
+        mask[rows] = (backward == rows[:, None, None]).any(axis=2)
+    return mask
+
+
+def expanded_k_reciprocal_sets(graph: NeighbourGraph, k1: int, *, progress: bool = False) -> sp.csr_matrix:
+    """Zhong et al. Eq. 4–5: the k1-reciprocal set R(i), grown by each member's round(k1/2)-reciprocal
+    set when more than 2/3 of that set lies in R(i). Returns the pattern of R*(i) as CSR (values 1).
+    """
+    half = int(np.around(k1 / 2.0))
+    recip = reciprocal_mask(graph, k1, progress=progress)
+    half_recip = reciprocal_mask(graph, half, progress=progress)
+    row_parts: list[np.ndarray] = []
+    col_parts: list[np.ndarray] = []
+    for start in tqdm(range(0, graph.n, _ROW_CHUNK), desc=f"expanded reciprocal k={k1}", disable=not progress):
+        rows = np.arange(start, min(start + _ROW_CHUNK, graph.n))
+        forward = graph.index[rows, : k1 + 1]
+        in_r = recip[rows]
+        r_members = np.where(in_r, forward, -1)                       # (B, k1+1)
+        cand_half = graph.index[forward, : half + 1]                  # (B, k1+1, h+1)
+        cand_mask = half_recip[forward]                               # (B, k1+1, h+1)
+        inside = (cand_half[..., None] == r_members[:, None, None, :]).any(axis=3) & cand_mask
+        grow = in_r & (inside.sum(axis=2) > (2.0 / 3.0) * cand_mask.sum(axis=2))
+        added = cand_mask & grow[..., None]
+        b_rows = np.broadcast_to(rows[:, None], forward.shape)
+        b_rows_half = np.broadcast_to(rows[:, None, None], cand_half.shape)
+        row_parts += [b_rows[in_r], b_rows_half[added]]
+        col_parts += [forward[in_r], cand_half[added]]
+    rows_all = np.concatenate(row_parts)
+    cols_all = np.concatenate(col_parts)
+    pattern = sp.csr_matrix((np.ones(len(rows_all), dtype=np.float32), (rows_all, cols_all)), shape=(graph.n, graph.n))
+    pattern.sum_duplicates()
+    pattern.data[:] = 1.0
+    return pattern
