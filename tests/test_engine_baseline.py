@@ -19,7 +19,8 @@ from vireid.errors import InputError
 from vireid.models.methods.baseline import BaselineModel, BaselineParams
 from vireid.models.registry import ModelConfig, create_model, list_methods, register_method
 
-from test_engine import _config_dict, _write_manifest
+from method_training import write_tiny_manifest
+from test_engine import _config_dict
 
 
 def _tiny(**params: object) -> ModelConfig:
@@ -82,7 +83,7 @@ def _build_minmax(cfg: ModelConfig, params: MinMaxParams, num_classes: int) -> M
 
 
 def test_min_max_method_gets_its_own_optimizer(tmp_path: Path) -> None:
-    manifest = _write_manifest(tmp_path, ids=4, per_modality=2)
+    manifest = write_tiny_manifest(tmp_path, ids=4, per_modality=2)
     data = _config_dict(manifest, tmp_path / "run", epochs=1)
     data["data"]["val_ids"] = 0
     data["model"]["method"] = "test_minmax"
@@ -106,7 +107,7 @@ def test_extract_features_in_record_order_with_flip(tmp_path: Path) -> None:
     from vireid.data.transforms import TransformConfig, load_eval_image
     from vireid.engine.extraction import extract_features
 
-    records = list(build_dataset("manifest", _write_manifest(tmp_path, ids=2, per_modality=2)).train)
+    records = list(build_dataset("manifest", write_tiny_manifest(tmp_path, ids=2, per_modality=2)).train)
     cfg = TransformConfig(height=32, width=16)
     torch.manual_seed(0)
     model = create_model(_tiny(), num_classes=2).eval()
@@ -121,7 +122,7 @@ def test_extract_features_in_record_order_with_flip(tmp_path: Path) -> None:
 
 
 def test_bf16_autocast_on_cpu_and_fp16_refused(tmp_path: Path) -> None:
-    manifest = _write_manifest(tmp_path, ids=2, per_modality=2)
+    manifest = write_tiny_manifest(tmp_path, ids=2, per_modality=2)
     data = _config_dict(manifest, tmp_path / "run", epochs=1, amp="bf16")
     data["data"]["val_ids"] = 0
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
