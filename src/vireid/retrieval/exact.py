@@ -11,11 +11,11 @@ Distances of unit vectors follow from similarities: ``‖a − b‖² = 2 − 2 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
 from vireid.errors import InputError
+from vireid.retrieval.graph import NeighbourGraph
 
 WORKER_THREADS = 2
 """Threads of the blocked numpy loops that release the GIL (the machine's two cores)."""
@@ -90,33 +90,6 @@ def topk_smallest(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
     values, index = torch.topk(torch.from_numpy(block), k, dim=1, largest=False, sorted=True)
     return values.numpy(), index.numpy().astype(np.int64, copy=False)
-
-
-@dataclass(frozen=True)
-class NeighbourGraph:
-    """Top-k neighbours of every row of a set among the columns of another (or the same) set.
-
-    ``index`` int64 ``(n, k)`` and ``sim`` ``(n, k)``: most similar first; in a self graph the
-    item itself is column 0 with similarity exactly 1 (distance 0, as ``cdist`` gives).
-    ``min_sim`` ``(n,)``: the smallest similarity of each row over *all* columns, i.e. the row's
-    largest squared distance is ``2 − 2·min_sim``.
-    """
-
-    index: np.ndarray
-    sim: np.ndarray
-    min_sim: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return int(self.index.shape[0])
-
-    @property
-    def k(self) -> int:
-        return int(self.index.shape[1])
-
-    def max_squared_distance(self) -> np.ndarray:
-        """``(n,)`` largest squared Euclidean distance of each row over all columns."""
-        return squared_distance_from_similarity(self.min_sim.copy())
 
 
 def top_k_neighbours(rows: np.ndarray, columns: np.ndarray, k: int, *, self_graph: bool) -> NeighbourGraph:

@@ -24,13 +24,16 @@ _BLOCK_ELEMENTS = 1 << 22
 
 @dataclass(frozen=True)
 class NeighbourGraph:
-    """Top-k neighbours of every base item, best first, itself at column 0.
+    """Top-k neighbours of every row item, best first; in a self graph the item itself is column 0.
 
     ``index`` int64 (N, k), ``sim`` float (N, k): inner products of L2-normalised features.
+    ``min_sim`` (N,), when known: each row's smallest similarity over *all* columns, i.e. its
+    largest squared distance is ``2 − 2·min_sim`` (the exact methods' row normalisation).
     """
 
     index: np.ndarray
     sim: np.ndarray
+    min_sim: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -47,10 +50,16 @@ class NeighbourGraph:
         dist[:, 0] = 0.0
         return dist
 
+    def max_squared_distance(self) -> np.ndarray:
+        """``(N,)`` largest squared Euclidean distance of each row over all columns (needs ``min_sim``)."""
+        if self.min_sim is None:
+            raise ValueError("this neighbour graph was built without per-row minimum similarities")
+        return np.maximum(2.0 - 2.0 * self.min_sim, 0.0)
+
     def as_graph(self, k: int | None = None) -> "NeighbourGraph":
-        """The first ``k`` columns (the interface shared with ``exact.TopKNeighbours``)."""
+        """The first ``k`` columns (the row minima over all columns are unchanged)."""
         k = self.k if k is None else k
-        return NeighbourGraph(self.index[:, :k], self.sim[:, :k])
+        return NeighbourGraph(self.index[:, :k], self.sim[:, :k], self.min_sim)
 
 
 def build_graph(index: NeighbourIndex, k: int) -> NeighbourGraph:
