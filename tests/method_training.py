@@ -8,6 +8,7 @@ identity-coloured CSV-manifest set for tests of the engine itself.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -23,9 +24,30 @@ from vireid.engine.config import load_train_config
 from vireid.engine.extraction import extract_features
 from vireid.engine.trainer import train
 from vireid.engine.validation import split_validation_identities
+from vireid.models import ModelConfig
 from vireid.models.registry import create_model
 
 REPO = Path(__file__).resolve().parents[1]
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_model(method: str, model_type: type[ModelT], params: dict[str, object], **fields: object) -> ModelT:
+    """A seeded resnet10 ``method`` model with 4 classes and no pretrained weights."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(method=method, backbone="resnet10", pretrained=None, params=dict(params), **fields)
+    model = create_model(cfg, num_classes=4)
+    assert isinstance(model, model_type)
+    return model
+
+
+def random_batch(height: int, width: int, modality: list[int], labels: list[int]) -> tuple[torch.Tensor, ...]:
+    """Seeded random images with the given modality and identity labels: (images, modality, labels)."""
+    images = torch.randn(len(labels), 3, height, width, generator=seeded(1))
+    return images, torch.tensor(modality), torch.tensor(labels)
 
 
 def write_tiny_manifest(root: Path, ids: int = 10, per_modality: int = 3, seed: int = 0) -> Path:

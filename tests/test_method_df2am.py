@@ -19,7 +19,7 @@ from vireid.losses.affinity import (
 )
 from vireid.losses.identity import label_smoothed_cross_entropy
 from vireid.losses.triplet import weighted_regularized_triplet_loss
-from vireid.models import ModelConfig, create_model
+from vireid.models import ModelConfig
 from vireid.models.methods.df2am import (
     DF2AMModel,
     LocalAttentionFusion,
@@ -28,29 +28,19 @@ from vireid.models.methods.df2am import (
 )
 from vireid.models.registry import method_params
 
-from method_training import train_tiny_config
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from method_training import random_batch, seeded, tiny_model, train_tiny_config
 
 
 def _tiny(**params: object) -> DF2AMModel:
-    torch.manual_seed(0)
-    model = create_model(ModelConfig(method="df2am", backbone="resnet10", pretrained=None, params=dict(params)), 4)
-    assert isinstance(model, DF2AMModel)
-    return model
+    return tiny_model("df2am", DF2AMModel, params)
 
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    images = torch.randn(8, 3, 64, 32, generator=_gen(1))
-    modality = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
-    return images, modality, labels
+def _batch() -> tuple[torch.Tensor, ...]:
+    return random_batch(64, 32, modality=[0, 0, 0, 0, 1, 1, 1, 1], labels=[0, 0, 1, 1, 0, 0, 1, 1])
 
 
 def _feats_labels() -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(8, 5, generator=_gen(2)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 3])
+    return torch.randn(8, 5, generator=seeded(2)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 3])
 
 
 def test_affinity_matrix_matches_loop():
@@ -92,7 +82,7 @@ def test_affinity_loss_rejects_unknown_kind():
 
 
 def test_horizontal_parts_are_stripe_means():
-    fmap = torch.randn(2, 3, 8, 4, generator=_gen(3))
+    fmap = torch.randn(2, 3, 8, 4, generator=seeded(3))
     parts = horizontal_parts(fmap, 4)
     for p in range(4):
         torch.testing.assert_close(parts[:, p], fmap[:, :, 2 * p:2 * p + 2].mean(dim=(2, 3)))
@@ -101,7 +91,7 @@ def test_horizontal_parts_are_stripe_means():
 def test_local_attention_fusion_matches_loop():
     torch.manual_seed(0)
     module = LocalAttentionFusion(dim=6, num_parts=3, reduction=2)
-    fmap = torch.randn(2, 6, 6, 2, generator=_gen(4))
+    fmap = torch.randn(2, 6, 6, 2, generator=seeded(4))
     fused, weights = module(fmap)
     lin1, lin2 = module.score[0], module.score[2]
     for b in range(2):
@@ -114,7 +104,7 @@ def test_local_attention_fusion_matches_loop():
 
 
 def test_per_modality_identity_loss_sums_modalities():
-    logits = torch.randn(6, 4, generator=_gen(5))
+    logits = torch.randn(6, 4, generator=seeded(5))
     labels = torch.tensor([0, 1, 2, 0, 1, 3])
     modality = torch.tensor([0, 0, 0, 1, 1, 1])
     expected = F.cross_entropy(logits[:3], labels[:3]) + F.cross_entropy(logits[3:], labels[3:])

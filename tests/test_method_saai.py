@@ -11,7 +11,7 @@ import torch
 from vireid.errors import InputError
 from vireid.losses.center_separation import center_separation_loss
 from vireid.losses.part_diversity import part_diversity_loss
-from vireid.models import ModelConfig, create_model
+from vireid.models import ModelConfig
 from vireid.models.backbone import TwoStreamBackbone
 from vireid.models.methods.saai import (
     DualBNNeck,
@@ -21,31 +21,19 @@ from vireid.models.methods.saai import (
 )
 from vireid.models.registry import method_params
 
-from method_training import train_tiny_config
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from method_training import random_batch, seeded, tiny_model, train_tiny_config
 
 
 def _tiny(**params: object) -> SAAIModel:
-    torch.manual_seed(0)
-    cfg = ModelConfig(method="saai", backbone="resnet10", pretrained=None,
-                      params={"image_size": [64, 32], **params})
-    model = create_model(cfg, num_classes=4)
-    assert isinstance(model, SAAIModel)
-    return model
+    return tiny_model("saai", SAAIModel, {"image_size": [64, 32], **params})
 
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    images = torch.randn(8, 3, 64, 32, generator=_gen(1))
-    modality = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
-    return images, modality, labels
+def _batch() -> tuple[torch.Tensor, ...]:
+    return random_batch(64, 32, modality=[0, 0, 0, 0, 1, 1, 1, 1], labels=[0, 0, 1, 1, 0, 0, 1, 1])
 
 
 def test_part_diversity_matches_loop():
-    masks = torch.rand(3, 5, 12, generator=_gen(2))
+    masks = torch.rand(3, 5, 12, generator=seeded(2))
     b, p, n = masks.shape
     total, count = 0.0, 0
     for k in range(b):
@@ -66,7 +54,7 @@ def _centers_loop(feats: torch.Tensor, labels: torch.Tensor) -> dict[int, torch.
 
 
 def test_center_separation_identities_matches_loop():
-    feats = torch.randn(12, 6, generator=_gen(3)) * 0.3
+    feats = torch.randn(12, 6, generator=seeded(3)) * 0.3
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2])
     rho1, rho2 = 0.01, 0.7
     centers = _centers_loop(feats, labels)
@@ -82,7 +70,7 @@ def test_center_separation_identities_matches_loop():
 
 def test_center_separation_batch_stride_matches_public_code_loop():
     # The public code's layout: all visible (2 per id), then all infrared; rows 0, k, 2k visited.
-    feats = torch.randn(16, 5, generator=_gen(4)) * 0.3
+    feats = torch.randn(16, 5, generator=seeded(4)) * 0.3
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 1, 1, 2, 2, 3, 3])
     k, rho1, rho2 = 4, 0.01, 0.7
     centers = _centers_loop(feats, labels)
@@ -101,7 +89,7 @@ def test_center_separation_batch_stride_matches_public_code_loop():
 
 
 def test_center_separation_single_identity_is_compactness_only():
-    feats = torch.randn(4, 3, generator=_gen(5), requires_grad=True)
+    feats = torch.randn(4, 3, generator=seeded(5), requires_grad=True)
     labels = torch.zeros(4, dtype=torch.long)
     loss = center_separation_loss(feats, labels)
     loss.backward()
@@ -111,7 +99,7 @@ def test_center_separation_single_identity_is_compactness_only():
 def test_semantic_aligned_pooling_matches_loop():
     torch.manual_seed(0)
     module = SemanticAlignedPooling(dim=6, num_parts=3, map_size=(4, 2))
-    fmap = torch.randn(2, 6, 4, 2, generator=_gen(6))
+    fmap = torch.randn(2, 6, 4, 2, generator=seeded(6))
     parts, masks = module(fmap)
     n = 8
     for b in range(2):
@@ -146,7 +134,7 @@ def test_other_input_size_resizes_position_embedding():
 
 def test_dual_bnneck_uses_one_norm_per_modality():
     neck = DualBNNeck(5)
-    feat = torch.randn(6, 5, generator=_gen(7))
+    feat = torch.randn(6, 5, generator=seeded(7))
     modality = torch.tensor([1, 0, 1, 0, 0, 1])
     out = neck(feat, modality)
     for m in (0, 1):

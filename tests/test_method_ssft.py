@@ -31,20 +31,14 @@ from vireid.models.methods.ssft_transfer import (
 )
 from vireid.models.registry import method_params
 
+from method_training import random_batch, seeded, tiny_model
+
 torch.set_num_threads(2)
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _build(**params: object) -> SSFTModel:
-    torch.manual_seed(0)
-    cfg = ModelConfig(method="ssft", backbone="resnet10", split="layer2", pooling="avg", pretrained=None,
-                      params={"discriminator_hidden": 16, "decoder_channels": 8, "graph_k": 2, **params})
-    model = create_model(cfg, num_classes=4)
-    assert isinstance(model, SSFTModel)
-    return model
+    return tiny_model("ssft", SSFTModel, {"discriminator_hidden": 16, "decoder_channels": 8, "graph_k": 2, **params},
+                      split="layer2", pooling="avg")
 
 
 _default_model = functools.cache(_build)
@@ -59,11 +53,8 @@ def _tiny(**params: object) -> SSFTModel:
     return model.train()
 
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    images = torch.randn(8, 3, 32, 16, generator=_gen(1))
-    modality = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
-    labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
-    return images, modality, labels
+def _batch() -> tuple[torch.Tensor, ...]:
+    return random_batch(32, 16, modality=[0, 1, 0, 1, 0, 1, 0, 1], labels=[0, 0, 1, 1, 0, 0, 1, 1])
 
 
 def _direct_d(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -103,7 +94,7 @@ def _bn_eval(neck, x):
 
 # ---------------------------------------------------------------------------- SSTN equations
 def test_affinity_eq7_matches_direct():
-    a, b = torch.randn(4, 6, generator=_gen(2)), torch.randn(5, 6, generator=_gen(3))
+    a, b = torch.randn(4, 6, generator=seeded(2)), torch.randn(5, 6, generator=seeded(3))
     got = affinity(a, b)
     for i in range(4):
         for j in range(5):
@@ -112,7 +103,7 @@ def test_affinity_eq7_matches_direct():
 
 
 def test_padded_features_eq5():
-    shared, specific = torch.randn(3, 4, generator=_gen(4)), torch.randn(3, 4, generator=_gen(5))
+    shared, specific = torch.randn(3, 4, generator=seeded(4)), torch.randn(3, 4, generator=seeded(5))
     modality = torch.tensor([0, 1, 0])
     z = padded_features(shared, specific, modality)
     zero = torch.zeros(4)
@@ -122,7 +113,7 @@ def test_padded_features_eq5():
 
 
 def test_batch_neighbours_keep_topk_per_row_and_block():
-    shared, specific = torch.randn(7, 5, generator=_gen(6)), torch.randn(7, 5, generator=_gen(7))
+    shared, specific = torch.randn(7, 5, generator=seeded(6)), torch.randn(7, 5, generator=seeded(7))
     modality = torch.tensor([0, 0, 1, 0, 1, 1, 0])
     index, weight = batch_neighbours(shared, specific, modality, k=2)
     dense = _dense_topk_graph(shared, specific, modality, k=2)
@@ -133,9 +124,9 @@ def test_batch_neighbours_keep_topk_per_row_and_block():
 
 
 def test_propagate_eq9_matches_dense():
-    shared, specific = torch.randn(6, 3, generator=_gen(8)), torch.randn(6, 3, generator=_gen(9))
+    shared, specific = torch.randn(6, 3, generator=seeded(8)), torch.randn(6, 3, generator=seeded(9))
     modality = torch.tensor([0, 1, 1, 0, 0, 1])
-    w = torch.randn(5, 9, generator=_gen(10))
+    w = torch.randn(5, 9, generator=seeded(10))
     index, weight = batch_neighbours(shared, specific, modality, k=2)
     got = propagate(padded_features(shared, specific, modality) @ w.t(), index, weight)
     adjacency = _dense_topk_graph(shared, specific, modality, k=2)
@@ -144,7 +135,7 @@ def test_propagate_eq9_matches_dense():
 
 
 def test_propagate_ignores_padding():
-    zw = torch.randn(3, 2, generator=_gen(11))
+    zw = torch.randn(3, 2, generator=seeded(11))
     index = torch.tensor([[0, 1, -1], [1, -1, -1], [2, 0, -1]])
     weight = torch.tensor([[1.0, 0.5, 9.0], [1.0, 9.0, 9.0], [1.0, 0.25, 9.0]])
     dense = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.25, 0.0, 1.0]], dtype=torch.float64)
@@ -153,7 +144,7 @@ def test_propagate_ignores_padding():
 
 
 def test_searched_neighbours_equal_the_dense_topk_graph():
-    shared, specific = torch.randn(12, 6, generator=_gen(12)), torch.randn(12, 6, generator=_gen(13))
+    shared, specific = torch.randn(12, 6, generator=seeded(12)), torch.randn(12, 6, generator=seeded(13))
     modality = torch.tensor([0] * 7 + [1] * 5)
     index, weight = searched_neighbours(shared.numpy(), specific.numpy(), modality.numpy(), k=3, knn_method="exact")
     assert index.shape == (12, 6) and (index >= 0).all()
@@ -171,14 +162,14 @@ def test_searched_neighbours_pad_small_blocks():
 def _transfer_module(dim=4, out=5, seed=14) -> SharedSpecificTransfer:
     torch.manual_seed(seed)
     module = SharedSpecificTransfer(dim, out, num_classes=3).eval()
-    module.neck.bn.running_mean.copy_(torch.randn(out, generator=_gen(seed)) * 0.1)
-    module.neck.bn.running_var.copy_(torch.rand(out, generator=_gen(seed + 1)) + 0.5)
+    module.neck.bn.running_mean.copy_(torch.randn(out, generator=seeded(seed)) * 0.1)
+    module.neck.bn.running_var.copy_(torch.rand(out, generator=seeded(seed + 1)) + 0.5)
     return module
 
 
 def test_all_queries_transfer_matches_dense():
     module = _transfer_module()
-    shared, specific = torch.randn(9, 4, generator=_gen(15)), torch.randn(9, 4, generator=_gen(16))
+    shared, specific = torch.randn(9, 4, generator=seeded(15)), torch.randn(9, 4, generator=seeded(16))
     modality = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0])
     got = module.transfer_all(shared, specific, modality, k=2, knn_method="exact")
     adjacency = _dense_topk_graph(shared, specific, modality, k=2)
@@ -191,9 +182,9 @@ def test_all_queries_transfer_matches_dense():
 def test_single_query_eq22_matches_dense(gallery_modality):
     module = _transfer_module(seed=17)
     k, amplify = 2, 4.0
-    q_shared, q_specific = torch.randn(3, 4, generator=_gen(18)), torch.randn(3, 4, generator=_gen(19))
+    q_shared, q_specific = torch.randn(3, 4, generator=seeded(18)), torch.randn(3, 4, generator=seeded(19))
     q_modality = torch.tensor([1, 1, 0])
-    g_shared, g_specific = torch.randn(6, 4, generator=_gen(20)), torch.randn(6, 4, generator=_gen(21))
+    g_shared, g_specific = torch.randn(6, 4, generator=seeded(20)), torch.randn(6, 4, generator=seeded(21))
     g_modality = torch.tensor(gallery_modality)
     got = module.single_query_distance((q_shared, q_specific, q_modality), (g_shared, g_specific, g_modality),
                                        k, amplify, knn_method="exact", batch_size=2)
@@ -211,20 +202,20 @@ def test_single_query_eq22_matches_dense(gallery_modality):
 
 # ---------------------------------------------------------------------------- complementary losses
 def test_modality_adaptation_loss_is_cross_entropy():
-    logits = torch.randn(5, 2, generator=_gen(22))
+    logits = torch.randn(5, 2, generator=seeded(22))
     modality = torch.tensor([0, 1, 1, 0, 1])
     expected = -sum(torch.log_softmax(logits[i], 0)[modality[i]].item() for i in range(5)) / 5
     assert modality_adaptation_loss(logits, modality).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_projection_adversarial_loss_is_mean_distance():
-    projected, shared = torch.randn(4, 3, generator=_gen(23)), torch.randn(4, 3, generator=_gen(24))
+    projected, shared = torch.randn(4, 3, generator=seeded(23)), torch.randn(4, 3, generator=seeded(24))
     expected = sum(float(torch.sqrt(((projected[i] - shared[i]) ** 2).sum())) for i in range(4)) / 4
     assert projection_adversarial_loss(projected, shared).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_reconstruction_loss_is_mean_squared_error():
-    a, b = torch.randn(2, 3, 4, 2, generator=_gen(25)), torch.randn(2, 3, 4, 2, generator=_gen(26))
+    a, b = torch.randn(2, 3, 4, 2, generator=seeded(25)), torch.randn(2, 3, 4, 2, generator=seeded(26))
     assert reconstruction_loss(a, b).item() == pytest.approx(float(((a - b) ** 2).sum()) / a.numel(), rel=1e-5)
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from vireid.errors import InputError
 from vireid.evaluation.evaluator import evaluate_features
 from vireid.features import FeatureSet
-from vireid.models import ModelConfig, create_model
+from vireid.models import ModelConfig
 from vireid.models.methods.xiv import (
     X_GROUP,
     FixedXTransform,
@@ -22,27 +22,17 @@ from vireid.models.methods.xiv import (
 )
 from vireid.models.registry import method_params
 
-from method_training import train_tiny_config
+from method_training import random_batch, seeded, tiny_model, train_tiny_config
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _tiny(**params: object) -> XIVModel:
-    torch.manual_seed(0)
-    model = create_model(ModelConfig(method="xiv", backbone="resnet10", pretrained=None, params=dict(params)), 4)
-    assert isinstance(model, XIVModel)
-    return model
+    return tiny_model("xiv", XIVModel, params)
 
 
-def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    images = torch.randn(8, 3, 64, 32, generator=_gen(1))
-    modality = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
-    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    return images, modality, labels
+def _batch() -> tuple[torch.Tensor, ...]:
+    return random_batch(64, 32, modality=[0, 1, 0, 1, 0, 1, 0, 1], labels=[0, 0, 0, 0, 1, 1, 1, 1])
 
 
 def _hard_triplet_loop(feats: torch.Tensor, labels: torch.Tensor, anchors: list[int], candidates: list[int],
@@ -60,7 +50,7 @@ def _hard_triplet_loop(feats: torch.Tensor, labels: torch.Tensor, anchors: list[
 def test_learned_generator_matches_per_pixel_formula():
     torch.manual_seed(0)
     gen = LearnedXGenerator()
-    v = torch.randn(2, 3, 4, 3, generator=_gen(2))
+    v = torch.randn(2, 3, 4, 3, generator=seeded(2))
     x = gen(v)
     w1, b1 = gen.reduce.weight.view(3), gen.reduce.bias.item()
     w2, b2 = gen.expand.weight.view(3), gen.expand.bias
@@ -79,7 +69,7 @@ def test_learned_generator_matches_per_pixel_formula():
     ("ycbcr_y", lambda r, g, b: (16 + 65.481 * r + 128.553 * g + 24.966 * b) / 255),
 ])
 def test_fixed_x_transforms(kind, single):
-    rgb = torch.rand(1, 3, 2, 2, generator=_gen(3))
+    rgb = torch.rand(1, 3, 2, 2, generator=seeded(3))
     normalised = (rgb - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     out = FixedXTransform(kind, MEAN, STD)(normalised)
     restored = out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
@@ -91,8 +81,8 @@ def test_fixed_x_transforms(kind, single):
 
 
 def test_mrg_matches_loop():
-    feats = torch.randn(12, 4, generator=_gen(4))
-    logits = torch.randn(12, 3, generator=_gen(5))
+    feats = torch.randn(12, 4, generator=seeded(4))
+    logits = torch.randn(12, 3, generator=seeded(5))
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])
     group = torch.tensor([1, 1, 1, 1, 1, 1, 2, 2, 2, 0, 0, 0])
     total, terms = modality_respective_loss(logits, feats, labels, group, margin=0.3)
@@ -107,7 +97,7 @@ def test_mrg_matches_loop():
 
 
 def test_cmg_matches_two_directional_loop():
-    feats = torch.randn(12, 4, generator=_gen(6))
+    feats = torch.randn(12, 4, generator=seeded(6))
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2])
     group = torch.tensor([1] * 6 + [X_GROUP] * 6)
     ir, x = list(range(6)), list(range(6, 12))

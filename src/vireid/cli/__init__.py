@@ -22,24 +22,29 @@ COMMAND_MODULES = (
 )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in ``--help`` unless its help already states it or there is none
+    worth stating (no default, or an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default:" in text or action.default is None or (action.nargs == 0 and action.default is False):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vireid",
         description="Visible-infrared person re-identification: datasets, exact evaluation protocols, "
         "affinity re-ranking (AIM, SIM, k-reciprocal), training of XIV / DF2AM / SAAI / cm-SSFT, "
         "and a gallery search service.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vireid {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"vireid.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"vireid.cli.{name}":
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"vireid.cli.{name}").register(subparsers)
     return parser
 
 
@@ -60,7 +65,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction, name: str, help_text:
     """A sub-parser with defaults shown in ``--help``."""
     return subparsers.add_parser(
         name, help=help_text, description=description or help_text,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
 
 
