@@ -5,7 +5,9 @@ Measures, in one run on this machine:
 * index build time (neighbour graph, re-ranking structures, files) for a G-image gallery;
 * per-query latency (p50 / p95) of ``GalleryIndex.search`` — what ``POST /search`` runs after the
   forward pass: similarity pass, re-ranking, top-k, metadata from SQLite — for each re-ranking
-  method and each precision of the in-memory gallery copy, with the ratio to ``plain``;
+  method and each way of finding the items to score (full float32 / float16 scan; int8 or IVF
+  first stage with exact re-scoring), with the ratio to ``plain``, the recall@topk of the first
+  stages' final lists against the exact full scan, and where an ``aim`` query's time goes;
 * the forward pass of one query image (resnet50 baseline at 288×144), PyTorch and onnxruntime.
 
 Wall-clock latency on a shared machine includes waiting for other processes; the ``cpu`` column
@@ -14,7 +16,7 @@ Wall-clock latency on a shared machine includes waiting for other processes; the
 Features follow the golden data's model (identity centres, modality offsets, per-image noise).
 
     python benchmarks/search.py                      # G = 100,000, d = 2048 and 512
-    python benchmarks/search.py --gallery 20000 --dims 256 --queries 50 --no-forward
+    python benchmarks/search.py --gallery 20000 --dims 256 --queries 50 --no-forward --configs scan-float32 int8
 """
 
 from __future__ import annotations
@@ -66,11 +68,17 @@ def build_time(root: Path, feats: np.ndarray, knn: str) -> dict[str, float]:
     }
 
 
-def query_latency(root: Path, queries: np.ndarray, methods: list[str], scan_dtype: str, topk: int,
-                  candidates: int = 0, nprobe: int = 32) -> dict[str, dict[str, float]]:
+def open_index(root: Path, config: str, candidates: int, nprobe: int):
+    """``config``: ``scan-float32`` / ``scan-float16`` (every item scored) or ``int8`` / ``ivf``
+    (first stage for plain and aim, see ``GalleryIndex.open``)."""
     from vireid.serve.index import GalleryIndex
 
-    index = GalleryIndex.open(root, scan_dtype=scan_dtype, candidates=candidates, nprobe=nprobe)
+    if config.startswith("scan-"):
+        return GalleryIndex.open(root, scan_dtype=config.split("-")[1], first_stage="scan")
+    return GalleryIndex.open(root, first_stage=config, candidates=candidates, nprobe=nprobe)
+
+
+def query_latency(index, queries: np.ndarray, methods: list[str], topk: int) -> dict[str, dict[str, float]]:
     out = {}
     for method in methods:
         index.search(queries[0], method, topk)  # warm-up
@@ -85,18 +93,43 @@ def query_latency(root: Path, queries: np.ndarray, methods: list[str], scan_dtyp
     return out
 
 
-def candidate_recall(root: Path, queries: np.ndarray, topk: int, candidates: int, nprobe: int) -> dict[str, float]:
-    """Mean fraction of the full scan's top-k that the candidate search returns."""
-    from vireid.serve.index import GalleryIndex
-
-    exact = GalleryIndex.open(root)
-    approximate = GalleryIndex.open(root, candidates=candidates, nprobe=nprobe)
+def recall_at_topk(exact, approximate, queries: np.ndarray, topk: int) -> dict[str, float]:
+    """Mean fraction of the exact path's top-k (full float32 scan) that the first stage's top-k holds."""
     out = {}
     for method in ("plain", "aim"):
         overlap = [len({h.index for h in exact.search(q, method, topk)} & {h.index for h in approximate.search(q, method, topk)})
                    for q in queries]
         out[method] = float(np.mean(overlap) / topk)
     return out
+
+
+def aim_stages(index, queries: np.ndarray, topk: int) -> dict[str, float]:
+    """Median ms of each stage of an ``aim`` search: the similarity pass (full scan, or first stage
+    with exact re-scoring of its candidates), AIM's re-ranking, the top-k selection and the
+    metadata lookup in SQLite."""
+    from vireid.serve.rerank import aim_distance, aim_on_candidates, gallery_similarity, l2_normalize_rows, top_k
+
+    k1 = index.settings.params.aim_k1
+    stages: dict[str, list[float]] = {"similarity": [], "aim": [], "top-k": [], "metadata": []}
+    for q in queries:
+        unit = l2_normalize_rows(q[None])[0]
+        t0 = time.perf_counter()
+        if index.first_stage == "scan":
+            sim = gallery_similarity(unit, index._scan)
+            t1 = time.perf_counter()
+            rows, dist = np.arange(index.count), aim_distance(sim, index.structures, k1)
+        else:
+            cand, cand_sim = index.first_stage_candidates(unit, topk)
+            t1 = time.perf_counter()
+            rows, dist = aim_on_candidates(unit, index.feats, index.structures, k1, cand, cand_sim, keep=topk)
+        t2 = time.perf_counter()
+        best = rows[top_k(dist, topk)]
+        t3 = time.perf_counter()
+        index.items(best)
+        t4 = time.perf_counter()
+        for name, span in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            stages[name].append(span)
+    return {name: float(np.median(values) * 1000) for name, values in stages.items()}
 
 
 def forward_latency(runs: int, folder: Path) -> dict[str, dict[str, float]]:
@@ -133,8 +166,10 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--topk", type=int, default=20)
     parser.add_argument("--methods", nargs="+", default=["plain", "aim", "sim", "krr"])
-    parser.add_argument("--scan-dtypes", nargs="+", default=["float32", "float16"])
-    parser.add_argument("--candidates", type=int, default=256, help="also time plain/aim from IVF candidates (0: skip)")
+    parser.add_argument("--configs", nargs="+", default=["scan-float32", "scan-float16", "int8", "ivf"],
+                        help="scan-float32 / scan-float16: every item scored (all methods); int8 / ivf: first stage "
+                             "for plain and aim (the other methods scan)")
+    parser.add_argument("--candidates", type=int, default=256, help="items the int8 / ivf first stage keeps")
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query")
     parser.add_argument("--knn", default="auto", help="gallery graph search (auto: IVF beyond 50,000)")
     parser.add_argument("--forward-runs", type=int, default=30)
@@ -148,7 +183,8 @@ def main() -> None:
 
     faiss.omp_set_num_threads(args.threads)
     results: dict[str, object] = {"gallery": args.gallery, "queries": args.queries, "topk": args.topk,
-                                  "threads": args.threads, "knn": args.knn, "load_average": os.getloadavg()}
+                                  "threads": args.threads, "knn": args.knn, "candidates": args.candidates,
+                                  "nprobe": args.nprobe, "load_average": os.getloadavg()}
     print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
         for dim in args.dims:
@@ -158,26 +194,30 @@ def main() -> None:
             del gallery
             print(f"\nG={args.gallery:,} d={dim}: index build {build['total_s']:.1f} s "
                   f"(graph {build['graph_s']:.1f} s, structures {build['structures_s']:.1f} s, write {build['write_s']:.1f} s)")
-            latency = {dtype: query_latency(root, queries, args.methods, dtype, args.topk) for dtype in args.scan_dtypes}
-            if args.candidates:
-                approximate = query_latency(root, queries, ["plain", "aim"], "float32", args.topk, args.candidates, args.nprobe)
-                recall = candidate_recall(root, queries, args.topk, args.candidates, args.nprobe)
-                for method, row in approximate.items():
-                    print(f"{method + ' ivf':>10}: p50 {row['p50_ms']:.1f} ms, p95 {row['p95_ms']:.1f} ms, cpu p50 "
-                          f"{row['cpu_p50_ms']:.1f} ms ({args.candidates} candidates, nprobe {args.nprobe}); "
-                          f"top-{args.topk} overlap with the full scan {recall[method]:.3f}")
-                latency["ivf_candidates"] = {**approximate, "overlap": recall}
-            print(f"{'method':>8} " + " ".join(f"{dtype + ' p50/p95 ms':>24} {'cpu p50':>8} {'x plain':>8}"
-                                                for dtype in args.scan_dtypes))
-            for method in args.methods:
-                cells = []
-                for dtype in args.scan_dtypes:
-                    row = latency[dtype][method]
-                    base = latency[dtype]["plain"]["p50_ms"] if "plain" in latency[dtype] else float("nan")
-                    cells.append(f"{row['p50_ms']:>11.1f} / {row['p95_ms']:>10.1f} {row['cpu_p50_ms']:>8.1f} "
-                                 f"{row['p50_ms'] / base:>8.2f}")
-                print(f"{method:>8} " + " ".join(cells))
-            results[f"d{dim}"] = {"build": build, "latency": latency}
+            exact = open_index(root, "scan-float32", args.candidates, args.nprobe)
+            latency, recall, stages = {}, {}, {}
+            for config in args.configs:
+                index = exact if config == "scan-float32" else open_index(root, config, args.candidates, args.nprobe)
+                methods = args.methods if config.startswith("scan-") else [m for m in ("plain", "aim") if m in args.methods]
+                latency[config] = query_latency(index, queries, methods, args.topk)
+                stages[config] = aim_stages(index, queries, args.topk)
+                if config != "scan-float32":
+                    recall[config] = recall_at_topk(exact, index, queries, args.topk)
+                del index
+            print(f"{'config':>13} {'method':>6} {'p50 ms':>8} {'p95 ms':>8} {'cpu p50':>8} {'x plain':>8} "
+                  f"{'recall@' + str(args.topk):>10}")
+            for config, rows in latency.items():
+                for method, row in rows.items():
+                    ratio = row["p50_ms"] / rows["plain"]["p50_ms"] if "plain" in rows else float("nan")
+                    rec = f"{recall[config][method]:.3f}" if method in recall.get(config, {}) else (
+                        "exact" if config == "scan-float32" else "-")
+                    print(f"{config:>13} {method:>6} {row['p50_ms']:>8.1f} {row['p95_ms']:>8.1f} "
+                          f"{row['cpu_p50_ms']:>8.1f} {ratio:>8.2f} {rec:>10}")
+            print("aim stages, median ms: " + "; ".join(
+                f"{config}: " + ", ".join(f"{name} {ms:.2f}" for name, ms in parts.items()) for config, parts in stages.items()))
+            del exact
+            print(f"load average now: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+            results[f"d{dim}"] = {"build": build, "latency": latency, "recall_at_topk": recall, "aim_stages_ms": stages}
             shutil.rmtree(root)
         if not args.no_forward:
             forward = forward_latency(args.forward_runs, Path(tmp))

@@ -17,14 +17,26 @@ import pytest
 from test_serve_support import make_checkpoint, person_image, write_gallery
 from vireid.cli import main
 from vireid.errors import InputError
-from vireid.serve.index import GalleryIndex, GalleryItem, IndexSettings, NewImage, add_to_index, build_index
+from vireid.serve.index import (
+    GalleryIndex,
+    GalleryItem,
+    IndexSettings,
+    NewImage,
+    add_to_index,
+    build_index,
+    collect_garbage,
+    store_file,
+)
+from vireid.serve.quantized import QuantizedGallery
 from vireid.serve.rerank import (
     RerankParams,
+    aim_on_candidates,
     build_structures,
     extend_graph,
     gallery_graph,
     l2_normalize_rows,
     rerank_distance,
+    top_k,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,20 +109,73 @@ def test_add_gives_the_same_results_as_a_full_build(tmp_path: Path, sysu_golden)
 
 def test_float16_scan_keeps_the_ranking(tmp_path: Path, sysu_golden) -> None:
     build_index(tmp_path, sysu_golden["gallery_feat"], _items(len(sysu_golden["gallery_feat"])))
-    exact, half = GalleryIndex.open(tmp_path), GalleryIndex.open(tmp_path, scan_dtype="float16")
+    exact = GalleryIndex.open(tmp_path, first_stage="scan")
+    half = GalleryIndex.open(tmp_path, scan_dtype="float16", first_stage="scan")
     query = sysu_golden["query_feat"][0]
     assert [h.index for h in exact.search(query, "aim", 5)] == [h.index for h in half.search(query, "aim", 5)]
 
 
 def test_candidate_search_equals_full_scan_when_every_list_is_probed(tmp_path: Path, sysu_golden) -> None:
     build_index(tmp_path, sysu_golden["gallery_feat"], _items(len(sysu_golden["gallery_feat"])))
-    exact = GalleryIndex.open(tmp_path)
-    approximate = GalleryIndex.open(tmp_path, candidates=60, nprobe=1024)
+    exact = GalleryIndex.open(tmp_path, first_stage="scan")
+    approximate = GalleryIndex.open(tmp_path, first_stage="ivf", candidates=60, nprobe=1024)
     for query in sysu_golden["query_feat"][::20]:
         for method in ("plain", "aim"):
             a, b = exact.search(query, method, 10), approximate.search(query, method, 10)
             assert [h.index for h in a] == [h.index for h in b]
             np.testing.assert_allclose([h.distance for h in a], [h.distance for h in b], atol=1e-5)
+
+
+def test_int8_first_stage_equals_full_scan(tmp_path: Path, sysu_golden) -> None:
+    gallery = sysu_golden["gallery_feat"]
+    build_index(tmp_path, gallery, _items(len(gallery)))
+    exact = GalleryIndex.open(tmp_path, first_stage="scan")
+    fast = GalleryIndex.open(tmp_path, first_stage="int8", candidates=1)  # keeps 2·max(topk, k1) = 40 items
+    assert fast.first_stage_candidates(l2_normalize_rows(gallery[:1])[0], 10)[0].shape == (40,)
+    for query in sysu_golden["query_feat"][::10]:
+        for method in ("plain", "aim", "sim"):
+            a, b = exact.search(query, method, 10), fast.search(query, method, 10)
+            assert [h.index for h in a] == [h.index for h in b]
+            np.testing.assert_allclose([h.distance for h in a], [h.distance for h in b], atol=1e-5)
+
+
+def test_aim_on_the_true_nearest_candidates_equals_the_full_scan(sysu_golden) -> None:
+    gallery = l2_normalize_rows(sysu_golden["gallery_feat"])
+    params = RerankParams()
+    structures = _structures(gallery, params)
+    for query in l2_normalize_rows(sysu_golden["query_feat"][::25]):
+        full = rerank_distance(query, gallery, structures, "aim", params)
+        sim = gallery @ query
+        cand = np.argsort(-sim)[:40]
+        for keep in (None, 10):
+            rows, dist = aim_on_candidates(query, gallery, structures, params.aim_k1, cand, sim[cand], keep=keep)
+            best = np.argsort(dist, kind="stable")[:10]
+            np.testing.assert_array_equal(rows[best], top_k(full, 10))
+            np.testing.assert_allclose(dist[best], full[rows[best]], atol=1e-5)
+
+
+def test_quantized_gallery_finds_the_nearest_items() -> None:
+    rng = np.random.default_rng(3)
+    gallery = l2_normalize_rows(rng.standard_normal((2000, 96)) * np.linspace(0.2, 3.0, 96))  # uneven ranges
+    quantized = QuantizedGallery(gallery)
+    assert quantized.count == 2000
+    for query in l2_normalize_rows(rng.standard_normal((20, 96))):
+        exact_top = set(np.argsort(-(gallery @ query))[:10])
+        assert exact_top <= set(quantized.candidates(query, 20))
+    assert len(quantized.candidates(query, 5000)) == 2000
+
+
+def test_quantized_scan_restores_the_callers_thread_setting() -> None:
+    import faiss
+
+    quantized = QuantizedGallery(l2_normalize_rows(np.random.default_rng(4).standard_normal((50, 8))))
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        quantized.candidates(np.ones(8, np.float32) / np.sqrt(8), 5)
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def test_bad_inputs_name_the_problem(tmp_path: Path) -> None:
@@ -123,6 +188,10 @@ def test_bad_inputs_name_the_problem(tmp_path: Path) -> None:
         add_to_index(tmp_path, np.ones((1, 9)), _items(1))
     with pytest.raises(InputError, match="unknown re-ranking"):
         GalleryIndex.open(tmp_path).search(np.ones(8), "best", 3)
+    with pytest.raises(InputError, match="first stage"):
+        GalleryIndex.open(tmp_path, first_stage="pq")
+    with pytest.raises(InputError, match="candidates"):
+        GalleryIndex.open(tmp_path, candidates=0)
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +264,12 @@ def test_sigkill_during_build_or_add_leaves_the_previous_index(image_index: dict
     late = GalleryIndex.open(copies["late"])  # killed while writing: the old version, or the finished new one
     late.verify()
     assert late.count in (12, 60)
+    # images the killed writer had copied in are removed; every referenced one stays
+    if late.count == 12:
+        assert len(_stored(copies["late"])["images"]) == 12 + 48  # the 48 new ones were copied before the kill
+    assert main(["index", "gc", str(copies["late"])]) == 0
+    assert _stored(copies["late"]) == {"images": _referenced(copies["late"]), "thumbs": _thumbs(_referenced(copies["late"]))}
+    assert main(["index", "gc", str(tmp_path / "fresh")]) == 2
     with pytest.raises(InputError, match="not a vireid index"):
         GalleryIndex.open(tmp_path / "fresh")
     # the next writer clears the leftovers and succeeds
@@ -202,3 +277,69 @@ def test_sigkill_during_build_or_add_leaves_the_previous_index(image_index: dict
     grown = GalleryIndex.open(copies["early"])
     grown.verify()
     assert grown.count == 60 and not list((copies["early"] / "versions").glob(".tmp-*"))
+
+
+def _stored(root: Path) -> dict[str, set[str]]:
+    return {sub: {p.name for p in (root / sub).iterdir()} for sub in ("images", "thumbs")}
+
+
+def _referenced(root: Path) -> set[str]:
+    index = GalleryIndex.open(root, first_stage="scan")
+    return {item.image for item in index.items(range(index.count)) if item.image is not None}
+
+
+def _thumbs(images: set[str]) -> set[str]:
+    return {name.split(".")[0] + ".jpg" for name in images}
+
+
+def _image_items(pids: range, variant: int = 0) -> list[NewImage]:
+    return [NewImage(GalleryItem(name=f"{pid}.jpg", pid=pid), person_image(pid, variant)) for pid in pids]
+
+
+def _plant_orphans(root: Path) -> str:
+    """What a writer killed after copying its images leaves: an image, its thumbnail and a
+    half-written temporary file; returns the orphan image's name."""
+    orphan = store_file(root, "images", person_image(99, 0), "jpg")
+    (root / "thumbs" / (orphan.split(".")[0] + ".jpg")).write_bytes(b"thumbnail")
+    (root / "images" / f".{'c' * 64}.png.x7_k2q.png.tmp").write_bytes(b"partial")
+    return orphan
+
+
+def test_gc_removes_orphaned_images_and_keeps_referenced_ones(tmp_path: Path) -> None:
+    root = tmp_path / "index"
+    build_index(root, np.random.default_rng(0).standard_normal((6, 8)), _image_items(range(1, 7)))
+    before = _stored(root)
+    assert before["images"] == _referenced(root) and len(before["images"]) == 6
+    _plant_orphans(root)
+    (root / "images" / "notes.txt").write_text("not ours")
+    outside = tmp_path / "outside" / f"{'b' * 64}.jpg"
+    outside.parent.mkdir()
+    outside.write_bytes(person_image(5, 5))
+    (root / "images" / outside.name).symlink_to(outside)  # unlinked, never followed
+    assert collect_garbage(root) == 4
+    assert _stored(root) == {"images": before["images"] | {"notes.txt"}, "thumbs": before["thumbs"]}
+    assert outside.is_file()
+    index = GalleryIndex.open(root, first_stage="scan")
+    assert all(index.image_path(index.item(i), thumbnail=t).is_file() for i in range(6) for t in (False, True))
+
+
+def test_next_add_removes_orphaned_images(tmp_path: Path) -> None:
+    root = tmp_path / "index"
+    feats = np.random.default_rng(1).standard_normal((9, 8))
+    build_index(root, feats[:6], _image_items(range(1, 7)))
+    orphan = _plant_orphans(root)
+    add_to_index(root, feats[6:], _image_items(range(7, 10)))
+    images = _referenced(root)
+    assert len(images) == 9 and orphan not in images
+    assert _stored(root) == {"images": images, "thumbs": _thumbs(images)}
+
+
+def test_gc_deletes_nothing_when_a_kept_version_is_unreadable(tmp_path: Path) -> None:
+    root = tmp_path / "index"
+    feats = np.random.default_rng(2).standard_normal((9, 8))
+    build_index(root, feats[:6], _image_items(range(1, 7)))
+    add_to_index(root, feats[6:], _image_items(range(7, 10)))
+    (root / "versions" / "v000001" / "gallery.sqlite").write_bytes(b"not a database")
+    orphan = _plant_orphans(root)
+    assert collect_garbage(root) == 0
+    assert orphan in _stored(root)["images"]

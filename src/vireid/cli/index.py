@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vireid.cli import add_subcommand
+from vireid.cli import HelpFormatter, add_subcommand
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     build = actions.add_parser("build", help="encode gallery images into a new index version",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=HelpFormatter)
     build.add_argument("--model", required=True, type=Path, help="checkpoint (.pt / run folder) or exported .onnx")
     _source_arguments(build)
     build.add_argument("--out", required=True, type=Path, help="index folder (created; an existing index gets a new version)")
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.set_defaults(func=run_build)
 
     add = actions.add_parser("add", help="append images to an index (incremental graph update)",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=HelpFormatter)
     add.add_argument("index", type=Path, help="index folder")
     _source_arguments(add)
     add.set_defaults(func=run_add)
@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info = actions.add_parser("info", help="print an index's version, size and settings")
     info.add_argument("index", type=Path, help="index folder")
     info.set_defaults(func=run_info)
+
+    gc = actions.add_parser("gc", help="remove files left by interrupted writers (build and add also do this first)")
+    gc.add_argument("index", type=Path, help="index folder")
+    gc.set_defaults(func=run_gc)
 
 
 def _source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +89,7 @@ def run_add(args: argparse.Namespace) -> int:
     from vireid.errors import InputError
     from vireid.serve.index import GalleryIndex, add_to_index
 
-    current = GalleryIndex.open(args.index)
+    current = GalleryIndex.open(args.index, first_stage="scan")
     if current.model_file is None:
         raise InputError(f"{args.index}: index has no stored model to encode new images with")
     _, (feats, images) = _encode(args, current.model_file)
@@ -99,8 +103,16 @@ def run_info(args: argparse.Namespace) -> int:
 
     from vireid.serve.index import GalleryIndex
 
-    index = GalleryIndex.open(args.index)
+    index = GalleryIndex.open(args.index, first_stage="scan")
     index.verify()
     print(json.dumps({"version": index.version, "count": index.count, "dim": index.dim,
                       "settings": index.manifest["settings"], "model": index.manifest.get("model")}, indent=2))
+    return 0
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    from vireid.serve.index import collect_garbage
+
+    removed = collect_garbage(args.index)
+    print(f"{args.index}: removed {removed} unreferenced image and thumbnail files")
     return 0

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         modality = Modality.parse(args.modality)
     except ValueError as exc:
         raise InputError(f"--modality: {exc}") from None
-    index = GalleryIndex.open(args.index)
+    index = GalleryIndex.open(args.index, first_stage="scan")  # one query: int8 codes would cost more than they save
     if index.model_file is None:
         raise InputError(f"{args.index}: index has no stored model to encode the query with")
     encoder = load_encoder(index.model_file, threads=args.threads)

@@ -21,10 +21,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted decoded image (pixels)")
     parser.add_argument("--scan-dtype", default="float32", choices=("float32", "float16"),
                         help="precision of the in-memory gallery copy the per-query pass reads")
-    parser.add_argument("--candidates", type=int, default=0,
-                        help="plain/aim start from this many approximate neighbours (faiss IVF) instead of a full "
-                             "scan; 0 = exact full scan")
-    parser.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query with --candidates")
+    parser.add_argument("--first-stage", default="int8", choices=("int8", "scan", "ivf"),
+                        help="how plain/aim find the items they score exactly: an int8 scan of the gallery, "
+                             "a full float scan (exact), or a faiss IVF index")
+    parser.add_argument("--candidates", type=int, default=256,
+                        help="items the int8 or IVF first stage keeps (at least twice max(topk, AIM k1))")
+    parser.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query with --first-stage ivf")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch / onnxruntime threads per request (requests run in parallel; on a shared "
                              "machine one thread each keeps latency stable)")
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     config = ServiceConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                            token=read_token(args.token_file), scan_dtype=args.scan_dtype,
-                           candidates=args.candidates, nprobe=args.nprobe, threads=args.threads)
+                           first_stage=args.first_stage, candidates=args.candidates, nprobe=args.nprobe,
+                           threads=args.threads)
     app = create_app(args.index, config)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

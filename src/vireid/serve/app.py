@@ -47,7 +47,8 @@ class ServiceConfig:
     max_pixels: int = MAX_IMAGE_PIXELS
     token: str | None = None
     scan_dtype: str = "float32"
-    candidates: int = 0
+    first_stage: str = "int8"
+    candidates: int = 256
     nprobe: int = 32
     threads: int = 1
 
@@ -91,7 +92,8 @@ class Service:
 
     def _open(self) -> GalleryIndex:
         c = self.config
-        return GalleryIndex.open(self.index_dir, scan_dtype=c.scan_dtype, candidates=c.candidates, nprobe=c.nprobe)
+        return GalleryIndex.open(self.index_dir, scan_dtype=c.scan_dtype, first_stage=c.first_stage,
+                                 candidates=c.candidates, nprobe=c.nprobe)
 
     def encode(self, data: bytes, modality: Modality, source: str) -> Any:
         image = decode_image(data, source, self.config.max_pixels)

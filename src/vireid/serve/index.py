@@ -14,8 +14,9 @@ Layout of ``INDEX_DIR``::
 Writers (``build``, ``add``) hold an exclusive lock, write a new version under
 ``versions/.tmp-*``, rename it into place and only then replace ``CURRENT``. A writer killed at
 any point leaves ``CURRENT`` naming the previous complete version; its leftovers (temporary
-folders, unreferenced segments) are removed by the next writer. The previous version is kept
-so that a reader that loaded it a moment ago still finds its files.
+folders, unreferenced segments, images and thumbnails no committed row references) are removed
+by the next writer, or by :func:`collect_garbage` (``vireid index gc``). The previous version is
+kept so that a reader that loaded it a moment ago still finds its files.
 
 ``add`` updates the neighbour graph incrementally (new items against the gallery, O(N_new·G·d))
 and re-derives the sparse structures from it (O(G·k²)); no G×G work is repeated.
@@ -50,6 +51,7 @@ from vireid.io import save_npy_atomic, save_npz_atomic, write_bytes_atomic, writ
 from vireid.retrieval.graph import NeighbourGraph
 from vireid.retrieval.knn import IvfParams, NeighbourIndex
 from vireid.serve.encoder import IMAGE_FORMATS
+from vireid.serve.quantized import QuantizedGallery
 from vireid.serve.rerank import (
     GalleryStructures,
     RerankParams,
@@ -64,10 +66,14 @@ from vireid.serve.rerank import (
 )
 
 FORMAT_VERSION = 1
+#: How ``plain`` and ``aim`` pick the items they score exactly (see :meth:`GalleryIndex.open`).
+FIRST_STAGES = ("int8", "scan", "ivf")
 CURRENT = "CURRENT"
 THUMBNAIL_SIZE = (96, 192)
 _VERSION_RE = re.compile(r"^v\d{6}$")
 _SHA_FILE_RE = re.compile(r"^[0-9a-f]{64}\.[a-z0-9]{1,5}$")
+#: ``vireid.io.atomic_path``'s temporary name for a content-addressed file (".<sha>.<ext>.<random>.<ext>.tmp").
+_SHA_TMP_RE = re.compile(r"^\.[0-9a-f]{64}\.[a-z0-9]{1,5}\.[A-Za-z0-9_]+\.[a-z0-9]{1,5}\.tmp$")
 _IMAGE_SUFFIX = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "WEBP": "webp"}
 
 Progress = Callable[[str], None]
@@ -121,7 +127,8 @@ class GalleryIndex:
     """One loaded version of an index (immutable in memory)."""
 
     def __init__(self, root: Path, version: str, manifest: dict[str, Any], feats: np.ndarray,
-                 structures: GalleryStructures, scan_dtype: str, candidates: int = 0, nprobe: int = 32) -> None:
+                 structures: GalleryStructures, scan_dtype: str, first_stage: str = "scan", candidates: int = 256,
+                 nprobe: int = 32) -> None:
         self.root = root
         self.version = version
         self.manifest = manifest
@@ -130,24 +137,39 @@ class GalleryIndex:
         self.settings = _settings_from_manifest(manifest)
         self.scan_dtype = scan_dtype
         self._scan = torch.from_numpy(feats).half() if scan_dtype == "float16" else torch.from_numpy(feats)
+        self.first_stage = first_stage
         self.candidates = candidates
-        self._ann = None
-        if candidates > 0 and self.count > 0:
-            self._ann = NeighbourIndex(feats, "ivf", ivf=IvfParams(query_nprobe=nprobe), seed=self.settings.seed)
+        self._int8 = QuantizedGallery(feats) if first_stage == "int8" and self.count > 0 else None
+        self._ivf = None
+        if first_stage == "ivf" and self.count > 0:
+            self._ivf = NeighbourIndex(feats, "ivf", ivf=IvfParams(query_nprobe=nprobe), seed=self.settings.seed)
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str], scan_dtype: str = "float32", candidates: int = 0,
-             nprobe: int = 32) -> "GalleryIndex":
+    def open(cls, root: str | os.PathLike[str], scan_dtype: str = "float32", first_stage: str = "int8",
+             candidates: int = 256, nprobe: int = 32) -> "GalleryIndex":
         """Load the version named by ``CURRENT``.
 
-        ``scan_dtype="float16"`` halves the memory the per-query similarity pass reads
-        (similarities then carry ~1e-3 error). ``candidates > 0``: ``plain`` and ``aim`` start
-        from that many approximate neighbours of a faiss IVF index (``nprobe`` lists per query)
-        instead of scanning the whole gallery; the other methods always scan.
+        ``first_stage`` decides how ``plain`` and ``aim`` find the items they score exactly:
+
+        * ``"int8"`` (default): a scan of an int8 copy of the gallery (:mod:`vireid.serve.quantized`,
+          a quarter of the float32 bytes) keeps the ``candidates`` best items (at least twice the
+          larger of ``topk`` and AIM's k1), which are then scored exactly in float32;
+        * ``"scan"``: every gallery feature is scored exactly (``scan_dtype`` precision);
+        * ``"ivf"``: ``candidates`` approximate neighbours from a faiss IVF index (``nprobe``
+          lists per query), scored exactly.
+
+        Results equal the full scan's whenever the candidates are the gallery's truly nearest
+        items (the benchmark reports how often the final lists agree). ``sim``, ``mnnr`` and ``krr``
+        always scan. ``scan_dtype="float16"`` halves the memory a full scan reads (similarities
+        then carry ~1e-3 error).
         """
         root = Path(root)
         if scan_dtype not in ("float32", "float16"):
             raise InputError(f"scan dtype must be float32 or float16, got {scan_dtype!r}")
+        if first_stage not in FIRST_STAGES:
+            raise InputError(f"first stage must be one of {', '.join(FIRST_STAGES)}, got {first_stage!r}")
+        if candidates < 1:
+            raise InputError(f"candidates must be >= 1, got {candidates}")
         version = current_version(root)
         if version is None:
             raise InputError(f"{root}: not a vireid index (no {CURRENT} file)")
@@ -157,7 +179,7 @@ class GalleryIndex:
             raise InputError(f"{folder}: unsupported index format {manifest.get('format')!r}")
         feats = _load_segments(root, manifest)
         structures = _load_structures(folder / "structures.npz")
-        return cls(root, version, manifest, feats, structures, scan_dtype, candidates, nprobe)
+        return cls(root, version, manifest, feats, structures, scan_dtype, first_stage, candidates, nprobe)
 
     @property
     def count(self) -> int:
@@ -200,18 +222,28 @@ class GalleryIndex:
         if topk < 1:
             raise InputError(f"topk must be >= 1, got {topk}")
         unit = l2_normalize_rows(query[None])[0]
-        if self._ann is not None and method in ("plain", "aim"):
-            cand_index, cand_sim = self._ann.search(unit[None], min(max(self.candidates, topk), self.count))
+        if self.first_stage != "scan" and method in ("plain", "aim") and self.count > 0:
+            cand_index, cand_sim = self.first_stage_candidates(unit, topk)
             if method == "plain":
-                rows, dist = cand_index[0], -cand_sim[0].astype(np.float64)
+                rows, dist = cand_index, -cand_sim.astype(np.float64)
             else:
                 rows, dist = aim_on_candidates(unit, self.feats, self.structures, self.settings.params.aim_k1,
-                                               cand_index[0], cand_sim[0])
+                                               cand_index, cand_sim, keep=topk)
             best = top_k(dist, min(topk, len(rows)))
             return [SearchHit(int(rows[i]), float(dist[i]), item) for i, item in zip(best, self.items(rows[best]))]
         dist = rerank_distance(unit, self._scan, self.structures, method, self.settings.params)
         best = top_k(dist, min(topk, self.count))
         return [SearchHit(int(i), float(dist[i]), item) for i, item in zip(best, self.items(best))]
+
+    def first_stage_candidates(self, unit: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows the first stage keeps for one unit query, and their exact float32 similarities."""
+        want = min(max(self.candidates, 2 * max(topk, self.settings.params.aim_k1)), self.count)
+        if self._ivf is not None:
+            rows, sim = self._ivf.search(unit[None], want)
+            return rows[0], sim[0]
+        assert self._int8 is not None
+        rows = self._int8.candidates(unit, want)
+        return rows, np.einsum("ij,j->i", self.feats[rows], unit)  # few rows: no thread pool
 
     def image_path(self, item: GalleryItem, thumbnail: bool = False) -> Path | None:
         """The stored image (or its thumbnail) of an item; names are validated content hashes."""
@@ -343,7 +375,7 @@ def add_to_index(root: str | os.PathLike[str], feats: np.ndarray, images: Sequen
     root = Path(root)
     with _writer_lock(root):
         _collect_garbage(root)
-        current = GalleryIndex.open(root)
+        current = GalleryIndex.open(root, first_stage="scan")
         feats = _check_feats(feats, len(images), current.dim)
         settings = current.settings
         all_feats = np.concatenate([current.feats, feats])
@@ -445,16 +477,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _collect_garbage(root: Path) -> None:
-    """Remove leftovers of interrupted writers and versions older than the previous one.
-    Called with the writer lock held."""
+def _collect_garbage(root: Path) -> int:
+    """Remove leftovers of interrupted writers (temporary and orphaned versions, unreferenced
+    segments, images and thumbnails) and versions older than the previous one. Called with the
+    writer lock held; files referenced by the live or the previous version are never touched.
+    Returns the number of image and thumbnail files removed."""
     folder = root / "versions"
-    if not folder.is_dir():
-        return
     for tmp in folder.glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
     current = current_version(root)
-    versions = sorted(p.name for p in folder.iterdir() if _VERSION_RE.match(p.name))
+    versions = sorted(p.name for p in folder.iterdir() if _VERSION_RE.match(p.name)) if folder.is_dir() else []
     keep: set[str] = set()
     if current is not None:
         keep = {current, *[v for v in versions if v < current][-1:]}
@@ -471,6 +503,54 @@ def _collect_garbage(root: Path) -> None:
         for path in segments.iterdir():
             if path.name not in referenced:
                 path.unlink(missing_ok=True)
+    images = _referenced_images(folder, keep)
+    return 0 if images is None else _remove_orphan_images(root, images)
+
+
+def _referenced_images(versions: Path, names: set[str]) -> set[str] | None:
+    """Image file names that rows of the versions ``names`` reference; None when one of their
+    metadata files cannot be read (then nothing may be deleted)."""
+    referenced: set[str] = set()
+    for name in names:
+        path = versions / name / "gallery.sqlite"
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                referenced.update(row[0] for row in db.execute("SELECT DISTINCT image FROM items WHERE image IS NOT NULL"))
+        except sqlite3.Error:
+            return None
+    return referenced
+
+
+def _remove_orphan_images(root: Path, referenced: set[str]) -> int:
+    """Delete stored images and thumbnails that no row of a kept version references — files copied
+    in by a writer killed before its commit — and the temporary files such a writer left. Only
+    plain files directly inside ``images/`` and ``thumbs/`` whose names this module writes are
+    considered (symbolic links are never followed, other names are left alone). Returns the count."""
+    thumbs = {name.split(".")[0] + ".jpg" for name in referenced}
+    removed = 0
+    for sub, keep in (("images", referenced), ("thumbs", thumbs)):
+        folder = root / sub
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                ours = _SHA_FILE_RE.match(entry.name) or _SHA_TMP_RE.match(entry.name)
+                if ours and entry.name not in keep and not entry.is_dir(follow_symlinks=False):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
+def collect_garbage(root: str | os.PathLike[str]) -> int:
+    """Remove what interrupted writers left behind (temporary and orphaned versions, unreferenced
+    feature segments, images and thumbnails), holding the writer lock. ``build`` and ``add`` do
+    this first; ``vireid index gc`` runs it alone. Returns the number of image and thumbnail files
+    removed."""
+    root = Path(root)
+    if current_version(root) is None:
+        raise InputError(f"{root}: not a vireid index (no {CURRENT} file)")
+    with _writer_lock(root):
+        return _collect_garbage(root)
 
 
 def store_model(root: str | os.PathLike[str], model_path: str | Path, info: dict[str, Any]) -> dict[str, Any]:

@@ -237,13 +237,18 @@ def aim_distance(sim: np.ndarray, structures: GalleryStructures, k1: int) -> np.
 
 
 def aim_on_candidates(query: np.ndarray, feats: np.ndarray, structures: GalleryStructures, k1: int,
-                      cand_index: np.ndarray, cand_sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """AIM for one query from its approximate nearest neighbours instead of a full scan.
+                      cand_index: np.ndarray, cand_sim: np.ndarray,
+                      keep: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """AIM for one query from its nearest candidates (exact similarities ``cand_sim``) instead of
+    a full scan: :func:`aim_distance` on the returned items when the candidates are the true
+    top-C neighbours and C >= k1. Returns (gallery rows, distances).
 
-    ``Q'`` is built from the top-k1 of the candidates; the items with a non-zero affinity term
-    come from ``G'``'s inverted index; ``q·g`` is computed exactly for candidates and those items
-    only. Equal to :func:`aim_distance` on the returned items when the candidates hold the true
-    top-k1 and top-K neighbours. Returns (gallery rows, distances).
+    ``Q'`` is built from the top-k1 candidates; the other items with a non-zero affinity term
+    come from ``G'``'s inverted index. With ``keep`` (the number of best items the caller needs),
+    such an item is scored (``q·g`` from ``feats``) only if it could still rank among them: its
+    similarity is at most the smallest candidate similarity, so ``-affinity - min(cand_sim)``
+    bounds its distance from below; items whose bound does not beat the ``keep``-th candidate
+    distance are dropped. Without ``keep`` every item is scored.
     """
     top = _top_indices(cand_sim, k1, largest=True)
     weights = cand_sim[top].astype(np.float64)
@@ -252,7 +257,18 @@ def aim_on_candidates(query: np.ndarray, feats: np.ndarray, structures: GalleryS
     items = np.union1d(cand_index, rows)
     affinity = np.bincount(np.searchsorted(items, rows), weights=values * np.repeat(weights, lengths),
                            minlength=len(items))
-    sim = np.einsum("ij,j->i", feats[items], query.astype(feats.dtype)).astype(np.float64)  # few rows: no thread pool
+    sim = np.full(len(items), np.nan)
+    sim[np.searchsorted(items, cand_index)] = cand_sim
+    others = np.flatnonzero(np.isnan(sim))
+    if keep is not None and others.size:
+        known = np.flatnonzero(~np.isnan(sim))
+        kth = np.partition(-affinity[known] - sim[known], min(keep, known.size) - 1)[min(keep, known.size) - 1]
+        hopeful = -affinity[others] - float(np.min(cand_sim)) <= kth
+        items = np.concatenate([items[known], items[others[hopeful]]])
+        affinity = np.concatenate([affinity[known], affinity[others[hopeful]]])
+        sim = np.concatenate([sim[known], np.empty(int(hopeful.sum()))])
+        others = np.arange(known.size, items.size)
+    sim[others] = np.einsum("ij,j->i", feats[items[others]], query.astype(feats.dtype))  # few rows: no thread pool
     return items, -affinity - sim
 
 
