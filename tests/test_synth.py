@@ -171,6 +171,22 @@ def test_skin_is_warmer_than_clothing_and_thermal_level_ignores_hue() -> None:
     assert abs(np.corrcoef(brightness, level)[0, 1]) < 0.2
 
 
+@pytest.mark.parametrize("coupling", [0.5, 1.0])
+def test_luminance_coupling_makes_light_garments_light_in_infrared(coupling: float) -> None:
+    def upper_levels(difficulty: Difficulty) -> tuple[np.ndarray, np.ndarray]:
+        idents = [sample_identity(0, pid, 300, difficulty) for pid in range(1, 301)]
+        luminance = np.array([np.dot(i.outfit.upper.colour, (0.299, 0.587, 0.114)) for i in idents])
+        return luminance, np.array([i.outfit.upper.temperature(i.skin_temperature) for i in idents])
+
+    independent = upper_levels(Difficulty())
+    luminance, level = upper_levels(Difficulty(infrared_luminance_coupling=coupling))
+    assert np.array_equal(luminance, independent[0])  # colours are untouched
+    assert abs(np.corrcoef(*independent)[0, 1]) < 0.2
+    assert np.corrcoef(luminance, level)[0, 1] > (0.99 if coupling == 1.0 else 0.4)
+    with pytest.raises(InputError, match="infrared_luminance_coupling"):
+        Difficulty(infrared_luminance_coupling=1.5)
+
+
 def test_shared_outfits_create_confusers_with_different_bodies() -> None:
     difficulty = Difficulty(shared_outfit_fraction=1.0, outfit_group_size=4)
     idents = [sample_identity(0, pid, 40, difficulty) for pid in range(1, 41)]

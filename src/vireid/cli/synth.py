@@ -45,6 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     knobs.add_argument("--shared-outfit-fraction", type=float, default=0.35,
                        help="fraction of identities sharing an outfit with a small group (confusers), 0..1")
     knobs.add_argument("--outfit-group-size", type=int, default=3, help="mean size of a shared-outfit group")
+    knobs.add_argument("--infrared-luminance-coupling", type=float, default=0.0,
+                       help="how far a garment's infrared level follows its visible luminance, 0..1 "
+                       "(0: independent, like a thermal camera; 1: light colours light in infrared, like "
+                       "near-infrared reflectance); hue never reaches infrared")
     parser.set_defaults(func=run)
 
 
@@ -55,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         noise=args.noise, pose_variation=args.pose_variation, viewpoint_variation=args.viewpoint_variation,
         clutter=args.clutter, illumination_variation=args.illumination_variation,
         shared_outfit_fraction=args.shared_outfit_fraction, outfit_group_size=args.outfit_group_size,
+        infrared_luminance_coupling=args.infrared_luminance_coupling,
     )
     config = SynthConfig(layout=args.layout, num_ids=args.ids, seed=args.seed,
                          images_per_camera=args.images_per_camera, height=args.height, width=args.width,

@@ -55,7 +55,8 @@ class DemoSettings:
     width: int = 32
     backbone: str = "resnet10"
     difficulty: Difficulty = Difficulty(noise=0.5, pose_variation=0.5, viewpoint_variation=0.5, clutter=0.2,
-                                        illumination_variation=0.5, shared_outfit_fraction=0.1)
+                                        illumination_variation=0.5, shared_outfit_fraction=0.1,
+                                        infrared_luminance_coupling=0.9)
 
     @classmethod
     def for_mode(cls, quick: bool) -> "DemoSettings":

@@ -3,7 +3,8 @@
 Visible colour and thermal brightness are sampled independently: a garment's thermal
 insulation is drawn per identity and per garment, never from its hue, so an infrared image
 carries no information about colour.  What both modalities share is shape: body
-proportions, sleeve and leg length, garment kind, pattern geometry, hair and accessories.
+proportions, sleeve and leg length, garment kind, pattern geometry, hair and accessories;
+``Difficulty.infrared_luminance_coupling`` adds brightness (a light garment looks light in both).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from vireid.data.synthetic.params import (
 PATTERNS = ("plain", "hstripes", "vstripes", "checks", "diagonal")
 AMBIENT_TEMPERATURE = 0.3
 """Thermal level (0..1 scale) of a garment with perfect insulation."""
+INSULATION_RANGE = (0.45, 0.92)
+"""Insulation of the warmest and the coolest garment."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ def _garment(rng: np.random.Generator, colour: tuple[float, float, float] | None
         pattern=pattern,
         pattern_colour=clothing_colour(rng),
         pattern_period=float(rng.uniform(0.035, 0.07)),
-        insulation=float(rng.uniform(0.45, 0.92)),
+        insulation=float(rng.uniform(*INSULATION_RANGE)),
         pattern_thermal_delta=_thermal_contrast(rng),
     )
 
@@ -135,7 +138,7 @@ def sample_outfit(rng: np.random.Generator, female: bool) -> Outfit:
 def _own_copy(garment: Garment, rng: np.random.Generator) -> Garment:
     """A shared garment as one group member wears it: colour jittered, its own thermal fabric."""
     return replace(
-        garment, colour=_jitter(garment.colour, rng), insulation=float(rng.uniform(0.45, 0.92)),
+        garment, colour=_jitter(garment.colour, rng), insulation=float(rng.uniform(*INSULATION_RANGE)),
         pattern_thermal_delta=_thermal_contrast(rng),
     )
 
@@ -143,6 +146,16 @@ def _own_copy(garment: Garment, rng: np.random.Generator) -> Garment:
 def _jitter(colour: tuple[float, float, float], rng: np.random.Generator, amount: float = 0.04) -> tuple[float, float, float]:
     c = np.clip(np.asarray(colour) + rng.normal(0, amount, 3), 0, 1)
     return (float(c[0]), float(c[1]), float(c[2]))
+
+
+def _couple_to_luminance(garment: Garment, coupling: float) -> Garment:
+    """Move a garment's insulation by ``coupling`` towards the level its visible luminance implies
+    (luminance 1: warmest, 0: coolest), so a light garment is light in infrared too."""
+    r, g, b = garment.colour
+    luminance = 0.299 * r + 0.587 * g + 0.114 * b
+    low, high = INSULATION_RANGE
+    implied = high - (high - low) * luminance
+    return replace(garment, insulation=(1.0 - coupling) * garment.insulation + coupling * implied)
 
 
 def outfit_template_index(seed: int, pid: int, num_ids: int, difficulty: Difficulty) -> int | None:
@@ -182,7 +195,7 @@ def sample_identity(seed: int, pid: int, num_ids: int, difficulty: Difficulty) -
     else:
         hair = _rgb(0.0, 0.0, rng.uniform(0.5, 0.8))
     width_scale = 0.88 if female else 1.0
-    return Identity(
+    identity = Identity(
         pid=pid,
         female=female,
         shoulder_width=float(rng.uniform(0.1, 0.14) * width_scale),
@@ -201,3 +214,10 @@ def sample_identity(seed: int, pid: int, num_ids: int, difficulty: Difficulty) -
         bag=_garment(rng, patterned=False) if rng.random() < 0.25 else None,
         bag_side=int(rng.choice([-1, 1])),
     )
+    coupling = difficulty.infrared_luminance_coupling
+    if coupling == 0:
+        return identity
+    accessories = {name: _couple_to_luminance(garment, coupling) for name in ("hat", "backpack", "bag")
+                   if (garment := getattr(identity, name)) is not None}
+    upper, lower = (_couple_to_luminance(g, coupling) for g in (outfit.upper, outfit.lower))
+    return replace(identity, outfit=replace(outfit, upper=upper, lower=lower), **accessories)

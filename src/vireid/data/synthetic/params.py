@@ -40,6 +40,9 @@ class Difficulty:
     shared_outfit_fraction: 0..1, fraction of identities wearing an outfit shared by a small group
         (same garment colours and patterns; body shape, hair, accessories and thermal fabric differ).
     outfit_group_size: mean number of identities sharing one outfit.
+    infrared_luminance_coupling: 0..1, how far a garment's infrared level follows its visible
+        luminance (0 = independent, as in a thermal camera; 1 = bright colours are bright in
+        infrared, like near-infrared reflectance). Hue never reaches the infrared image.
     """
 
     noise: float = 1.0
@@ -49,13 +52,14 @@ class Difficulty:
     illumination_variation: float = 1.0
     shared_outfit_fraction: float = 0.35
     outfit_group_size: int = 3
+    infrared_luminance_coupling: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise InputError(f"difficulty.{f.name}: expected a finite non-negative number, got {value!r}")
-        for name in ("viewpoint_variation", "clutter", "shared_outfit_fraction"):
+        for name in ("viewpoint_variation", "clutter", "shared_outfit_fraction", "infrared_luminance_coupling"):
             if getattr(self, name) > 1:
                 raise InputError(f"difficulty.{name}: expected a value in [0, 1], got {getattr(self, name)!r}")
         if int(self.outfit_group_size) != self.outfit_group_size or self.outfit_group_size < 2:
