@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from vireid.retrieval.exact import (
-    NORM_EPS, block_rows, check_variant, l2_normalize, resolve_dtype, topk_largest,
+    NORM_EPS, block_rows, check_variant, l2_normalize, resolve_dtype, self_top_k_neighbours, topk_largest,
 )
 from vireid.retrieval.kreciprocal import csr_rows, local_expansion
 
@@ -34,7 +34,7 @@ def aim(query_feat: np.ndarray, gallery_feat: np.ndarray, *, k1: int = 30, k2: i
     qn = l2_normalize(query_feat, dt, name="query features")
     gn = l2_normalize(gallery_feat, dt, name="gallery features")
     keep_ties = variant == "reference"
-    gallery_rows, nearest = _affinity_rows(gn, gn, k1, keep_ties=keep_ties, k2=k2)
+    gallery_rows, nearest = _affinity_rows(gn, k1, keep_ties=keep_ties, k2=k2)
     if k2 != 1:
         gallery_rows = local_expansion(gallery_rows, nearest)
     gallery_t = _normalize_rows(gallery_rows).T.tocsr()
@@ -49,17 +49,31 @@ def aim(query_feat: np.ndarray, gallery_feat: np.ndarray, *, k1: int = 30, k2: i
     return out
 
 
-def _affinity_rows(rows: np.ndarray, columns: np.ndarray, k1: int, *, keep_ties: bool,
-                   k2: int) -> tuple[sp.csr_matrix, np.ndarray]:
-    """SAAI Eq. 6: the sparse affinity rows of ``rows`` against ``columns`` and each row's top-k2 columns."""
-    parts = []
-    nearest = np.empty((len(rows), k2), dtype=np.int64)
-    for part in block_rows(len(rows), len(columns)):
-        block = rows[part] @ columns.T
-        values, index = topk_largest(block, k1)
-        nearest[part] = index[:, :k2]
-        parts.append(_threshold(block, values, index, keep_ties=keep_ties))
-    return sp.vstack(parts, format="csr"), nearest
+def _affinity_rows(gn: np.ndarray, k1: int, *, keep_ties: bool, k2: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """SAAI Eq. 6: the sparse affinity rows of the gallery against itself and each row's top-k2 columns.
+
+    The top-k1 lists come from :func:`self_top_k_neighbours` (half the Gram matrix); with
+    ``keep_ties`` a row whose (k1+1)-th similarity equals its k1-th is recomputed in full, so
+    every entry tied at the threshold is kept.
+    """
+    n = len(gn)
+    graph = self_top_k_neighbours(gn, min(k1 + 1, n) if keep_ties else k1, self_first=False)
+    values, index = graph.sim[:, :k1], graph.index[:, :k1]
+    order = np.argsort(index, axis=1)
+    rows = np.arange(n).repeat(k1)
+    cols = np.take_along_axis(index, order, axis=1).ravel()
+    data = np.take_along_axis(values, order, axis=1).ravel()
+    tied = np.flatnonzero(graph.sim[:, -1] == graph.sim[:, k1 - 1]) if keep_ties and k1 < n else np.empty(0, int)
+    if len(tied):
+        block = gn[tied] @ gn.T
+        redone = _threshold(block, *topk_largest(block, k1), keep_ties=True).tocoo()
+        kept = ~np.isin(rows, tied)
+        rows = np.concatenate([rows[kept], tied[redone.row]])
+        cols = np.concatenate([cols[kept], redone.col])
+        data = np.concatenate([data[kept], redone.data])
+    matrix = sp.csr_matrix((data, (rows, cols)), shape=(n, n))
+    matrix.sort_indices()
+    return matrix, index[:, :k2]
 
 
 def _threshold(block: np.ndarray, values: np.ndarray, index: np.ndarray, *, keep_ties: bool) -> sp.csr_matrix:

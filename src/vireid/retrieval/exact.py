@@ -3,14 +3,16 @@
 Every re-ranker needs inner products of L2-normalised features (``Q·Gᵀ``, ``G·Gᵀ`` and, for
 k-reciprocal re-ranking, ``Q·Qᵀ``).  They are computed in row blocks of at most
 :data:`BLOCK_ELEMENTS` entries, so no dense ``G×G`` or ``(Q+G)²`` matrix ever exists; from each
-block only what a method needs is kept (its top-k neighbours, its row minimum).
+block only what a method needs is kept (its top-k neighbours, its row minimum).  Self graphs
+(``G·Gᵀ``, the ``[Q; G]`` pool) use only the upper half of the Gram matrix, as ``syrk`` does.
 
 Distances of unit vectors follow from similarities: ``‖a − b‖² = 2 − 2 aᵀb`` (clipped at 0).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -96,22 +98,96 @@ def top_k_neighbours(rows: np.ndarray, columns: np.ndarray, k: int, *, self_grap
     """Top-``k`` most similar ``columns`` of each of ``rows`` (unit vectors), blocked over rows.
 
     ``self_graph=True`` means ``rows`` and ``columns`` are the same set: each row's own entry
-    is set to similarity 1 so it ranks first (the ``cdist`` convention of the references).
+    is set to similarity 1 so it ranks first (the ``cdist`` convention of the references); the
+    graph then comes from :func:`self_top_k_neighbours` (each similarity computed once).
     """
     n, m = rows.shape[0], columns.shape[0]
     if not 1 <= k <= m:
         raise InputError(f"k={k} must lie in [1, {m}] (the number of items searched)")
+    if self_graph:
+        return self_top_k_neighbours(rows, k)
     index = np.empty((n, k), dtype=np.int64)
     sim = np.empty((n, k), dtype=rows.dtype)
     min_sim = np.empty(n, dtype=rows.dtype)
     for part in block_rows(n, m):
         block = rows[part] @ columns.T
-        if self_graph:
-            local = np.arange(part.stop - part.start)
-            block[local, local + part.start] = 1
         min_sim[part] = block.min(axis=1)
         sim[part], index[part] = topk_largest(block, k)
     return NeighbourGraph(index=index, sim=sim, min_sim=min_sim)
+
+
+def self_top_k_neighbours(features: np.ndarray, k: int, on_block: Callable[[slice, np.ndarray], None] | None = None,
+                          *, self_first: bool = True) -> NeighbourGraph:
+    """Top-``k`` self graph of unit vectors from half the Gram matrix; ``self_first``: each row's own
+    entry is set to similarity 1 (so it ranks first), otherwise it keeps its computed value.
+
+    Row block ``I = [s, e)`` computes ``features[I] · features[s:]ᵀ`` once: its rows give rows I
+    the top-k of their columns ≥ s, its columns offer rows ≥ e their columns in I.  Blocks run
+    last to first, so a row's list already holds its best later columns when earlier columns are
+    offered: only entries above its k-th value are merged (one comparison per entry, no top-k).
+    Every similarity is computed once (as the ``syrk`` of the matmul floor) and equals the
+    full-row product bit for bit; the lists are those of the full rows (exactly tied
+    similarities in an unspecified order, as with ``torch.topk``).
+    ``on_block(rows, block)`` sees each block (columns ``rows.start:``) before the diagonal is set.
+    """
+    n = len(features)
+    if not 1 <= k <= n:
+        raise InputError(f"k={k} must lie in [1, {n}] (the number of items searched)")
+    lists = NeighbourGraph(index=np.zeros((n, k), dtype=np.int64), sim=np.full((n, k), -np.inf, dtype=features.dtype),
+                           min_sim=np.full(n, np.inf, dtype=features.dtype))
+    starts = [0]
+    while starts[-1] < n:
+        starts.append(min(n, starts[-1] + max(1, BLOCK_ELEMENTS // (n - starts[-1]))))
+    for start, stop in reversed(list(itertools.pairwise(starts))):
+        block = features[start:stop] @ features[start:].T
+        if on_block is not None:
+            on_block(slice(start, stop), block)
+        if self_first:
+            local = np.arange(stop - start)
+            block[local, local] = 1
+        _offer(lists, block, start, start, transposed=False)
+        if stop < n:
+            _offer(lists, block[:, stop - start:], stop, start, transposed=True)
+    return lists
+
+
+def _offer(lists: NeighbourGraph, block: np.ndarray, first_row: int, first_column: int, *, transposed: bool) -> None:
+    """Merges the entries of ``block`` into the running lists of rows ``first_row…`` (``block``'s rows,
+    or its columns when ``transposed``), whose columns start at ``first_column``."""
+    num_rows = block.shape[1] if transposed else block.shape[0]
+    rows = slice(first_row, first_row + num_rows)
+    row_min = lists.min_sim[rows]
+    np.minimum(row_min, block.min(axis=0 if transposed else 1), out=row_min)
+    kth = lists.sim[rows, -1]
+    if np.isneginf(kth).any():
+        by_row = np.ascontiguousarray(block.T) if transposed else block
+        values, columns = topk_largest(by_row, min(lists.k, by_row.shape[1]))
+        row = np.arange(num_rows).repeat(values.shape[1])
+        _merge(lists, first_row + row, first_column + columns.ravel(), values.ravel())
+    elif transposed:
+        hit = np.flatnonzero(block.max(axis=0) > kth)
+        column, row = np.nonzero(block[:, hit] > kth[hit])
+        _merge(lists, first_row + hit[row], first_column + column, block[column, hit[row]])
+    else:
+        hit = np.flatnonzero(block.max(axis=1) > kth)
+        row, column = np.nonzero(block[hit] > kth[hit, None])
+        _merge(lists, first_row + hit[row], first_column + column, block[hit[row], column])
+
+
+def _merge(lists: NeighbourGraph, rows: np.ndarray, columns: np.ndarray, values: np.ndarray) -> None:
+    """Puts candidate entries into the running top-k lists (best first; kept entries first among equals)."""
+    if len(rows) == 0:
+        return
+    k = lists.k
+    touched = np.unique(rows)
+    all_rows = np.concatenate([touched.repeat(k), rows])
+    all_values = np.concatenate([lists.sim[touched].ravel(), values])
+    all_columns = np.concatenate([lists.index[touched].ravel(), columns])
+    order = np.lexsort((-all_values, all_rows))
+    first = np.searchsorted(all_rows[order], touched)
+    pick = order[first[:, None] + np.arange(k)]
+    lists.sim[touched] = all_values[pick]
+    lists.index[touched] = all_columns[pick]
 
 
 def graph_pair_similarity(features: np.ndarray, graph: NeighbourGraph, rows: np.ndarray,

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from vireid.errors import InputError
 from vireid.retrieval.exact import (
     NeighbourGraph, block_rows, check_variant, graph_pair_similarity, l2_normalize, resolve_dtype,
-    squared_distance_from_similarity, top_k_neighbours, topk_largest, topk_smallest,
+    self_top_k_neighbours, squared_distance_from_similarity, top_k_neighbours, topk_smallest,
 )
 from vireid.retrieval.graph import expanded_k_reciprocal_sets
 
@@ -167,48 +167,34 @@ def krr(query_feat: np.ndarray, gallery_feat: np.ndarray, *, k1: int = 20, k2: i
 
 
 def _krr_reference(pool: np.ndarray, num_query: int, k1: int, k2: int, lam: float) -> np.ndarray:
-    """``pool`` = [queries; gallery], normalised; the queries and gallery are views of it."""
-    qn, gn = pool[:num_query], pool[num_query:]
-    out = np.empty((num_query, len(gn)), dtype=pool.dtype)
-    graph = pool_neighbours(qn, gn, max(k1 + 1, k2), out)
+    """``pool`` = [queries; gallery], normalised."""
+    num_gallery = len(pool) - num_query
+    out = np.empty((num_query, num_gallery), dtype=pool.dtype)
+    graph = pool_neighbours(pool, num_query, max(k1 + 1, k2), out)
     row_max = graph.max_squared_distance()
     vectors = reciprocal_vectors(pool, graph, k1, row_scale=row_max, squared=True, normalize=True)
     if k2 != 1:
         vectors = local_expansion(vectors, graph.index[:, :k2])
     left = vectors[:num_query].tocsr()
     right = vectors[num_query:].tocsc()
-    for part in block_rows(num_query, len(gn)):
+    for part in block_rows(num_query, num_gallery):
         original = squared_distance_from_similarity(out[part])
         original /= row_max[part, None]
         blend_jaccard(original, shared_mass(left[part], right), lam)
     return out
 
 
-def pool_neighbours(qn: np.ndarray, gn: np.ndarray, k: int, query_gallery: np.ndarray) -> NeighbourGraph:
-    """Self graph of the pool [queries; gallery] (self first), computing ``Q·Gᵀ`` once into
-    ``query_gallery`` (Q, G); gallery rows read their query similarities from its columns."""
-    num_query, num_gallery = len(qn), len(gn)
-    n = num_query + num_gallery
-    if not 1 <= k <= n:
-        raise InputError(f"k={k} must lie in [1, {n}] (the query+gallery pool)")
-    index = np.empty((n, k), dtype=np.int64)
-    sim = np.empty((n, k), dtype=qn.dtype)
-    min_sim = np.empty(n, dtype=qn.dtype)
-    for part in block_rows(num_query, n):
-        np.matmul(qn[part], gn.T, out=query_gallery[part])
-        block = np.concatenate([qn[part] @ qn.T, query_gallery[part]], axis=1)
-        _pool_rows(block, part, index, sim, min_sim)
-    for part in block_rows(num_gallery, n):
-        block = np.concatenate([query_gallery[:, part].T, gn[part] @ gn.T], axis=1)
-        _pool_rows(block, slice(part.start + num_query, part.stop + num_query), index, sim, min_sim)
-    return NeighbourGraph(index=index, sim=sim, min_sim=min_sim)
+def pool_neighbours(pool: np.ndarray, num_query: int, k: int, query_gallery: np.ndarray) -> NeighbourGraph:
+    """Self graph of the pool [queries; gallery] (self first), filling ``query_gallery`` (Q, G) with
+    ``Q·Gᵀ`` from the same blocks: each pool similarity is computed once."""
+    def keep_query_gallery(rows: slice, block: np.ndarray) -> None:
+        if rows.start < num_query:
+            stop = min(rows.stop, num_query)
+            query_gallery[rows.start:stop] = block[: stop - rows.start, num_query - rows.start:]
 
-
-def _pool_rows(block: np.ndarray, part: slice, index: np.ndarray, sim: np.ndarray, min_sim: np.ndarray) -> None:
-    local = np.arange(part.stop - part.start)
-    block[local, local + part.start] = 1
-    min_sim[part] = block.min(axis=1)
-    sim[part], index[part] = topk_largest(block, index.shape[1])
+    if not 1 <= k <= len(pool):
+        raise InputError(f"k={k} must lie in [1, {len(pool)}] (the query+gallery pool)")
+    return self_top_k_neighbours(pool, k, on_block=keep_query_gallery)
 
 
 def _krr_paper(qn: np.ndarray, gn: np.ndarray, k1: int, k2: int, lam: float) -> np.ndarray:

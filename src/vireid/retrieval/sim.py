@@ -7,11 +7,15 @@ so reliable) to correct the cross-modality query–gallery distance.
 Layout: SGR treats every query row independently (its sequential reference update too), so it
 runs over blocks of queries; inside a block it works on the transposed distance ``(G, B)`` so
 that gathering the k_graph neighbour columns of a gallery item is a contiguous row gather.
-Only one Q×G array (the output) exists.
+The K shortest paths of every (query, gallery) pair come from a sorting network applied
+element-wise to whole blocks.  Only one Q×G array (the output) exists.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -23,8 +27,9 @@ from vireid.retrieval.exact import (
 )
 from vireid.retrieval.kreciprocal import blend_jaccard, reciprocal_vectors, shared_mass
 
-SGR_PATH_ELEMENTS = 1 << 18
-"""Path lengths gathered at once by the order-independent SGR (1 MiB in float32: stays in cache)."""
+SGR_WIRE_ELEMENTS = 1 << 16
+"""Path lengths per wire of SGR's selection network (256 KiB in float32; smaller wires lose more
+to per-call overhead than they gain in cache, measured on the 2-core machine)."""
 
 
 def sgr(query_feat: np.ndarray, gallery_feat: np.ndarray, *, lam: float = 0.01, K: int = 9, k_graph: int = 20,
@@ -80,41 +85,169 @@ def _sgr(qn: np.ndarray, gn: np.ndarray, gallery: NeighbourGraph, lam: float, K:
     edge = euclidean_from_similarity(gallery.sim[:, :k_graph].copy())
     edge[:, 0] = 0
     edge *= lam
+    levels = _update_levels(neighbours) if variant == "reference" else None
     out = np.empty((len(qn), len(gn)), dtype=qn.dtype)
-    for part in block_rows(len(qn), len(gn)):
-        dist_t = euclidean_from_similarity(gn @ qn[part].T)          # (G, B)
-        if variant == "reference":
-            _sgr_sequential(dist_t, neighbours, edge, K)
-            out[part] = dist_t.T
-        else:
-            out[part] = _sgr_simultaneous(dist_t, neighbours, edge, K).T
+    with ThreadPoolExecutor(WORKER_THREADS) as pool:
+        for part in block_rows(len(qn), len(gn)):
+            if levels is not None:
+                source = np.empty((2 * len(gn), part.stop - part.start), dtype=qn.dtype)   # [updated; input]
+                euclidean_from_similarity(np.matmul(gn, qn[part].T, out=source[: len(gn)]))
+                source[len(gn):] = source[: len(gn)]
+                out[part] = _sgr_sequential(source, neighbours, edge, K, levels, pool).T
+            else:
+                dist_t = euclidean_from_similarity(gn @ qn[part].T)          # (G, B)
+                _mean_of_shortest_paths(dist_t, neighbours, edge, K, _transposed_into(out[part]), pool)
     return out
 
 
-def _sgr_sequential(dist_t: np.ndarray, neighbours: np.ndarray, edge: np.ndarray, K: int) -> None:
-    """SIM ``graph_reasoning``: gallery columns overwritten in place, in gallery order."""
-    for j in range(len(dist_t)):
-        paths = dist_t[neighbours[j]]
-        paths += edge[j][:, None]
-        paths.sort(axis=0)
-        dist_t[j] = paths[:K].mean(axis=0)
+def _transposed_into(destination: np.ndarray) -> Callable[[slice, np.ndarray], None]:
+    """A ``store`` for :func:`_mean_of_shortest_paths` writing gallery columns of ``destination`` (B, G)."""
+    def store(columns: slice, mean: np.ndarray) -> None:
+        destination[:, columns] = mean.T
+
+    return store
 
 
-def _sgr_simultaneous(dist_t: np.ndarray, neighbours: np.ndarray, edge: np.ndarray, K: int) -> np.ndarray:
-    """SIM Eq. 5 for every gallery column from the input distances, in column blocks over two threads."""
-    out = np.empty_like(dist_t)
-    step = max(1, SGR_PATH_ELEMENTS // (neighbours.shape[1] * dist_t.shape[1]))
+def _update_levels(neighbours: np.ndarray) -> list[np.ndarray]:
+    """Gallery columns grouped so that a column's neighbours n < j all lie in earlier groups (in order)."""
+    level = np.zeros(len(neighbours), dtype=np.int64)
+    for j, hood in enumerate(neighbours):
+        earlier = hood[hood < j]
+        if len(earlier):
+            level[j] = level[earlier].max() + 1
+    order = np.argsort(level, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(level[order])) + 1)
+
+
+def _sgr_sequential(source: np.ndarray, neighbours: np.ndarray, edge: np.ndarray, K: int,
+                    levels: list[np.ndarray], pool: ThreadPoolExecutor) -> np.ndarray:
+    """SIM ``graph_reasoning`` on ``source`` (2G, B), both halves holding the input distances:
+    column j, updated in gallery order, reads the updated values of its neighbours n < j (first
+    half, overwritten) and the input values of n >= j (second half); returns the first half.
+
+    The columns of one of :func:`_update_levels`' groups read no column of their own group, so
+    each group is one pass of :func:`_mean_of_shortest_paths`.
+    """
+    num_gallery = len(neighbours)
+    rows = np.where(neighbours < np.arange(num_gallery)[:, None], neighbours, neighbours + num_gallery)
+    for columns in levels:
+        def store(part: slice, mean: np.ndarray, columns: np.ndarray = columns) -> None:
+            source[columns[part]] = mean
+
+        _mean_of_shortest_paths(source, rows[columns], edge[columns], K, store, pool)
+    return source[:num_gallery]
+
+
+def _mean_of_shortest_paths(source: np.ndarray, rows: np.ndarray, edge: np.ndarray, K: int,
+                            store: Callable[[slice, np.ndarray], None], pool: ThreadPoolExecutor) -> None:
+    """SIM Eq. 5 for c = 0, 1, …: the mean of the K smallest of ``source[rows[c, i]] + edge[c, i]``
+    over i (each a row of B path lengths), handed to ``store(columns, mean)`` in blocks of c.
+
+    The K smallest come from :func:`smallest_sorted_network` (element-wise min/max over whole
+    blocks, no per-pair sort); they are summed in ascending order and divided by K, as
+    ``np.sort(...)[:K].mean()``, so the result is the same bit for bit.
+    """
+    k_graph = rows.shape[1]
+    network = smallest_sorted_network(k_graph, K)
+    rows_t = np.ascontiguousarray(rows.T)
+    edge_t = np.ascontiguousarray(edge.T)
+    step = max(1, SGR_WIRE_ELEMENTS // source.shape[1])
+    local = threading.local()
 
     def update(start: int) -> None:
-        stop = min(start + step, len(dist_t))
-        paths = dist_t[neighbours[start:stop]]
-        paths += edge[start:stop, :, None]
-        paths.sort(axis=1)
-        out[start:stop] = paths[:, :K].mean(axis=1)
+        stop = min(start + step, len(rows))
+        if not hasattr(local, "wires"):
+            local.wires = np.empty((k_graph + 1, step, source.shape[1]), dtype=source.dtype)
+        buffers = local.wires[:, : stop - start]
+        wires: list[np.ndarray | None] = list(buffers[:k_graph])
+        for n, wire in enumerate(wires):
+            np.take(source, rows_t[n, start:stop], axis=0, out=wire)
+            wire += edge_t[n, start:stop, None]
+        total, *rest = run_network(network, wires, buffers[k_graph])[:K]
+        for wire in rest:
+            total += wire
+        total /= K
+        store(slice(start, stop), total)
 
-    with ThreadPoolExecutor(WORKER_THREADS) as pool:
-        list(pool.map(update, range(0, len(dist_t), step)))
-    return out
+    list(pool.map(update, range(0, len(rows), step)))
+
+
+@functools.lru_cache(maxsize=64)
+def smallest_sorted_network(n: int, k: int) -> tuple[tuple[str, int, int], ...]:
+    """Steps that leave the ``k`` smallest of ``n`` wires on wires ``0..k−1``, ascending.
+
+    Batcher's odd–even merge sort (Knuth, TAOCP 5.3.4, Algorithm M) on ``n`` padded to a power
+    of two with +inf wires, pruned: comparators with a +inf input only move (``"move"``), and
+    walking back from the ``k`` outputs, a comparator whose larger (smaller) output is never read
+    again keeps only its ``"min"`` (``"max"``); ``"cmp"`` keeps both.  (20, 9): 161 min/max passes.
+    """
+    size = 1 << max(0, (n - 1).bit_length())
+    infinite = [wire >= n for wire in range(size)]
+    steps: list[tuple[str, int, int]] = []
+    for low, high in _batcher_comparators(size):
+        if infinite[high]:
+            continue
+        if infinite[low]:
+            infinite[low], infinite[high] = False, True
+            steps.append(("move", low, high))
+        else:
+            steps.append(("cmp", low, high))
+    needed = set(range(k))
+    kept: list[tuple[str, int, int]] = []
+    for op, low, high in reversed(steps):
+        if op == "move":
+            if low in needed:
+                needed.discard(low)
+                needed.add(high)
+                kept.append((op, low, high))
+        elif low in needed and high in needed:
+            kept.append(("cmp", low, high))
+        elif low in needed:
+            needed.add(high)
+            kept.append(("min", low, high))
+        elif high in needed:
+            needed.add(low)
+            kept.append(("max", low, high))
+    return tuple(reversed(kept))
+
+
+def _batcher_comparators(size: int) -> list[tuple[int, int]]:
+    """Comparators ``(low, high)`` of Batcher's odd–even merge sort of ``size`` (a power of two) wires."""
+    if size < 2:
+        return []
+    bits = (size - 1).bit_length()
+    comparators = []
+    p = 1 << (bits - 1)
+    while p > 0:
+        q, r, d = 1 << (bits - 1), 0, p
+        while d > 0:
+            comparators += [(i, i + d) for i in range(size - d) if i & p == r]
+            d, q, r = q - p, q >> 1, p
+        p >>= 1
+    return comparators
+
+
+def run_network(network: tuple[tuple[str, int, int], ...], wires: list[np.ndarray | None],
+                spare: np.ndarray) -> list[np.ndarray]:
+    """Applies :func:`smallest_sorted_network` element-wise to equally shaped arrays, in place.
+
+    ``wires`` holds the n inputs (overwritten); ``spare`` is one more array of their shape.
+    Returns the wires after the network: the first k hold the k smallest values, ascending.
+    """
+    wires = wires + [None] * ((1 << max(0, (len(wires) - 1).bit_length())) - len(wires))
+    for op, low, high in network:
+        a, b = wires[low], wires[high]
+        if op == "cmp":
+            np.minimum(a, b, out=spare)
+            np.maximum(a, b, out=b)
+            wires[low], spare = spare, a
+        elif op == "min":
+            np.minimum(a, b, out=a)
+        elif op == "max":
+            np.maximum(a, b, out=b)
+        else:
+            wires[low], wires[high] = b, a
+    return wires  # type: ignore[return-value]
 
 
 def _mnnr(dist: np.ndarray, gn: np.ndarray, gallery: NeighbourGraph, kq: int, kg: int, alpha: float,

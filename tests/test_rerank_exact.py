@@ -1,0 +1,123 @@
+"""Building blocks of the exact re-rankers that keep them near the matmul floor: SGR's selection
+network, the half-Gram self graph, the pool graph of k-reciprocal re-ranking, AIM's tie fallback."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from vireid.retrieval import exact, rerank
+from vireid.retrieval.kreciprocal import pool_neighbours
+from vireid.retrieval.sim import (
+    _mean_of_shortest_paths,
+    _sgr_sequential,
+    _update_levels,
+    run_network,
+    smallest_sorted_network,
+)
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (2, 1), (3, 2), (7, 3), (8, 8), (20, 9), (20, 5), (20, 20), (21, 9)])
+def test_selection_network_leaves_the_k_smallest_sorted(n: int, k: int) -> None:
+    values = np.random.default_rng(n * 100 + k).integers(0, 6, size=(n, 500)).astype(np.float32)  # many ties
+    wires = list(values.copy())
+    out = run_network(smallest_sorted_network(n, k), wires, np.empty(500, dtype=np.float32))[:k]
+    np.testing.assert_array_equal(np.stack(out), np.sort(values, axis=0)[:k])
+
+
+def _sgr_inputs(dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(5)
+    num_gallery, num_query, k_graph = 37, 11, 8
+    dist_t = rng.random((num_gallery, num_query)).astype(dtype)
+    neighbours = np.stack([np.r_[j, rng.permutation(np.delete(np.arange(num_gallery), j))[:k_graph - 1]]
+                           for j in range(num_gallery)])
+    edge = np.sort(rng.random((num_gallery, k_graph)), axis=1).astype(dtype) * dtype(0.1)
+    return dist_t, neighbours, edge
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgr_network_mean_is_bitwise_the_sorted_mean(dtype: type) -> None:
+    dist_t, neighbours, edge = _sgr_inputs(dtype)
+    K = 3
+    paths = dist_t[neighbours] + edge[:, :, None]
+    paths.sort(axis=1)
+    got = np.empty_like(dist_t)
+
+    def store(columns: slice, mean: np.ndarray) -> None:
+        got[columns] = mean
+
+    with ThreadPoolExecutor(2) as pool:
+        _mean_of_shortest_paths(dist_t, neighbours, edge, K, store, pool)
+    np.testing.assert_array_equal(got, paths[:, :K].mean(axis=1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgr_reference_levels_equal_the_column_by_column_update(dtype: type) -> None:
+    dist_t, neighbours, edge = _sgr_inputs(dtype)
+    K = 3
+    want = dist_t.copy()
+    for j in range(len(want)):                                   # SIM graph_reasoning, in gallery order
+        paths = want[neighbours[j]] + edge[j][:, None]
+        paths.sort(axis=0)
+        want[j] = paths[:K].mean(axis=0)
+    levels = _update_levels(neighbours)
+    assert len(levels) > 1
+    with ThreadPoolExecutor(2) as pool:
+        got = _sgr_sequential(np.concatenate([dist_t, dist_t]), neighbours, edge, K, levels, pool)
+    np.testing.assert_array_equal(got, want)
+
+
+def _unit_rows(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("self_first", [True, False])
+def test_self_graph_from_half_the_gram_matrix_matches_full_rows(monkeypatch: pytest.MonkeyPatch,
+                                                                self_first: bool) -> None:
+    monkeypatch.setattr(exact, "BLOCK_ELEMENTS", 300)                # many row blocks of unequal size
+    features = _unit_rows(53, 6, seed=1)
+    full = features @ features.T
+    if self_first:
+        np.fill_diagonal(full, 1.0)
+    for k in (1, 7, 53):
+        graph = exact.self_top_k_neighbours(features, k, self_first=self_first)
+        want = np.argsort(-full, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(graph.index, want)
+        np.testing.assert_allclose(graph.sim, np.take_along_axis(full, want, axis=1), rtol=0, atol=1e-15)
+        np.testing.assert_allclose(graph.min_sim, full.min(axis=1), rtol=0, atol=1e-15)
+    assert (exact.top_k_neighbours(features, features, 5, self_graph=True).index[:, 0] == np.arange(53)).all()
+
+
+def test_pool_graph_fills_the_query_gallery_similarities(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exact, "BLOCK_ELEMENTS", 400)
+    pool = _unit_rows(45, 5, seed=2)
+    num_query = 17
+    query_gallery = np.full((num_query, 45 - num_query), np.nan)
+    graph = pool_neighbours(pool, num_query, 6, query_gallery)
+    np.testing.assert_allclose(query_gallery, pool[:num_query] @ pool[num_query:].T, rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(graph.index, exact.self_top_k_neighbours(pool, 6).index)
+
+
+def _loop_aim_reference(query: np.ndarray, gallery: np.ndarray, k1: int) -> np.ndarray:
+    """SAAI ``models/AIM.py`` with k2 = 1: rows keep every similarity >= their k1-th largest."""
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    s_qg, s_gg = unit(query) @ unit(gallery).T, unit(gallery) @ unit(gallery).T
+
+    def rows(s: np.ndarray) -> np.ndarray:
+        kth = -np.sort(-s, axis=1)[:, k1 - 1:k1]
+        return unit(np.where(s >= kth, s, 0.0))
+
+    return -(rows(s_qg) @ rows(s_gg).T) - s_qg
+
+
+def test_aim_reference_keeps_ties_in_gallery_rows() -> None:
+    gallery = np.array([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8], [0.0, 1.0], [-1.0, 0.0]])
+    query = np.array([[0.8, 0.6], [0.0, -1.0]])
+    # gallery row 0: similarities 1, 0.6, 0.6, 0, -1 -> its 2nd largest (0.6) is tied
+    ref = rerank("aim", query, gallery, variant="reference", params={"k1": 2, "k2": 1}, dtype=np.float64)
+    np.testing.assert_allclose(ref, _loop_aim_reference(query, gallery, 2), rtol=0, atol=1e-12)
