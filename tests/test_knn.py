@@ -61,7 +61,7 @@ def test_approximate_agrees_with_brute_force_on_easy_data(clustered, method, par
     index = NeighbourIndex(base, method, seed=3, **params)
     assert index.method == method
     idx, sim = index.search(queries, 10)
-    want_idx, want_sim = brute_force(queries, base, 10)
+    want_idx, _ = brute_force(queries, base, 10)
     recall = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(idx, want_idx)])
     assert recall >= 0.99
     assert np.all(np.diff(sim, axis=1) <= 1e-6)  # best first
@@ -89,6 +89,20 @@ def test_base_range_restricts_answers(clustered, method):
     want, _ = brute_force(queries, base[600:], 5)
     recall = np.mean([len(np.intersect1d(a, b + 600)) / 5 for a, b in zip(idx, want)])
     assert recall >= 0.95  # a filtered HNSW walk may stop short of a far-away allowed region
+
+
+def test_ivf_self_search_probes_query_rows_like_queries():
+    """Pool rows flagged as queries scan ``query_nprobe`` lists: with all lists they are exact."""
+    rng = np.random.default_rng(4)
+    base = unit(rng.standard_normal((400, 8)))
+    index = NeighbourIndex(base, "ivf", ivf=IvfParams(nlist=16, nprobe=1, query_nprobe=16), seed=1)
+    idx, sim = index.self_search(6, query_rows=40)
+    want_idx, want_sim = brute_force(base[:40], base, 6)
+    np.testing.assert_array_equal(idx[:40], want_idx)
+    np.testing.assert_allclose(sim[:40], want_sim, atol=1e-5)
+    narrow, _ = index.self_search(6)
+    assert not np.array_equal(narrow[:40], want_idx)  # one list per row is not enough on this data
+    np.testing.assert_array_equal(narrow[40:], idx[40:])
 
 
 def test_self_search_puts_self_first_even_with_duplicates():
@@ -129,6 +143,7 @@ def test_auto_threshold_and_nlist():
     (lambda b: NeighbourIndex(b[:, :0]), "non-empty 2-D"),
     (lambda b: NeighbourIndex(b, "ivf", ivf=IvfParams(nlist=100)), "nlist"),
     (lambda b: NeighbourIndex(b, "ivf", ivf=IvfParams(nlist=4, nprobe=0)), "nprobe"),
+    (lambda b: NeighbourIndex(b, "ivf", ivf=IvfParams(nlist=4)).self_search(3, query_rows=31), "query_rows"),
 ])
 def test_bad_input_raises_input_error(call, message):
     base = unit(np.random.default_rng(3).standard_normal((30, 4)))

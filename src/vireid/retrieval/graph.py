@@ -56,15 +56,18 @@ class NeighbourGraph:
             raise ValueError("this neighbour graph was built without per-row minimum similarities")
         return np.maximum(2.0 - 2.0 * self.min_sim, 0.0)
 
-    def as_graph(self, k: int | None = None) -> "NeighbourGraph":
+    def as_graph(self, k: int | None = None) -> NeighbourGraph:
         """The first ``k`` columns (the row minima over all columns are unchanged)."""
         k = self.k if k is None else k
         return NeighbourGraph(self.index[:, :k], self.sim[:, :k], self.min_sim)
 
 
-def build_graph(index: NeighbourIndex, k: int) -> NeighbourGraph:
-    """The k-nearest-neighbour graph of the index's base vectors (self at column 0, similarity 1)."""
-    idx, sim = index.self_search(k)
+def build_graph(index: NeighbourIndex, k: int, *, query_rows: int = 0) -> NeighbourGraph:
+    """The k-nearest-neighbour graph of the index's base vectors (self at column 0, similarity 1).
+
+    ``query_rows``: the first base rows are queries of the other modality (searched more widely).
+    """
+    idx, sim = index.self_search(k, query_rows=query_rows)
     return NeighbourGraph(index=idx, sim=sim)
 
 
@@ -126,12 +129,14 @@ def reciprocal_mask(graph: NeighbourGraph, k: int, *, progress: bool = False) ->
 def expanded_k_reciprocal_sets(graph: NeighbourGraph, k1: int, *, progress: bool = False) -> sp.csr_matrix:
     """Zhong et al. Eq. 4–5: the k1-reciprocal set R(i), grown by each member's round(k1/2)-reciprocal
     set when more than 2/3 of that set lies in R(i). Returns the pattern of R*(i) as CSR (values 1).
+
+    Duplicates are removed chunk by chunk (a member's half-set repeats R(i)), so the transient
+    memory is the size of the result, not of the up to (k1+1)·(h+2) raw entries per row.
     """
     half = int(np.around(k1 / 2.0))
     recip = reciprocal_mask(graph, k1, progress=progress)
     half_recip = reciprocal_mask(graph, half, progress=progress)
-    row_parts: list[np.ndarray] = []
-    col_parts: list[np.ndarray] = []
+    key_parts: list[np.ndarray] = []  # row · n + column, sorted and unique within each chunk
     for start in tqdm(range(0, graph.n, _ROW_CHUNK), desc=f"expanded reciprocal k={k1}", disable=not progress):
         rows = np.arange(start, min(start + _ROW_CHUNK, graph.n))
         forward = graph.index[rows, : k1 + 1]
@@ -144,11 +149,9 @@ def expanded_k_reciprocal_sets(graph: NeighbourGraph, k1: int, *, progress: bool
         added = cand_mask & grow[..., None]
         b_rows = np.broadcast_to(rows[:, None], forward.shape)
         b_rows_half = np.broadcast_to(rows[:, None, None], cand_half.shape)
-        row_parts += [b_rows[in_r], b_rows_half[added]]
-        col_parts += [forward[in_r], cand_half[added]]
-    rows_all = np.concatenate(row_parts)
-    cols_all = np.concatenate(col_parts)
-    pattern = sp.csr_matrix((np.ones(len(rows_all), dtype=np.float32), (rows_all, cols_all)), shape=(graph.n, graph.n))
-    pattern.sum_duplicates()
-    pattern.data[:] = 1.0
-    return pattern
+        chunk_rows = np.concatenate([b_rows[in_r], b_rows_half[added]])
+        chunk_cols = np.concatenate([forward[in_r], cand_half[added]])
+        key_parts.append(np.unique(chunk_rows * np.int64(graph.n) + chunk_cols))
+    keys = np.concatenate(key_parts)  # chunks cover increasing rows: sorted overall
+    indptr = np.searchsorted(keys, np.arange(graph.n + 1, dtype=np.int64) * graph.n)
+    return sp.csr_matrix((np.ones(len(keys), dtype=np.float32), keys % graph.n, indptr), shape=(graph.n, graph.n))

@@ -7,10 +7,12 @@ Four searchers share one interface, :class:`NeighbourIndex`:
 ``ivf``     inverted file over faiss k-means centroids (the coarse quantizer of ``IndexIVFFlat``,
             inner product). ``nlist`` = the power of two nearest to 2·sqrt(N) (at least 16),
             trained by 10 k-means iterations on ``64·nlist`` points drawn with the seed. Each
-            item scans the lists of its ``nprobe`` = 8 nearest centroids (graph), each query its
-            ``query_nprobe`` = 32. The scan is done list by list: one matmul between a list's
-            members and every row probing it, merged into running top-k arrays, so a
-            million-item graph is compute-bound (BLAS) instead of memory-bound.
+            item scans the lists of its ``nprobe`` = 16 nearest centroids (graph), each query its
+            ``query_nprobe`` = 64 (so do query rows of a query+gallery pool). At G = 100k this
+            keeps ranked ``aim``/``sim``/``krr`` within 0.35 points of exact kNN (8 / 32 lost up
+            to 1.0; ``docs/reranking.md``, "Scale"). The scan is done list by list: one matmul
+            between a list's members and every row probing it, merged into running top-k arrays,
+            so a million-item graph is compute-bound (BLAS) instead of memory-bound.
 ``hnsw``    faiss ``IndexHNSWFlat``: ``M`` = 32 links, ``efConstruction`` = 80, ``efSearch`` = 128.
 ``auto``    ``exact`` while the base has at most :data:`AUTO_EXACT_MAX_BASE` (50,000) vectors
             (its self-graph is then <= 2.5e9 inner products, ~20 s on two cores at d = 512),
@@ -35,6 +37,10 @@ from vireid.retrieval.exact import l2_normalize
 KNN_METHODS: tuple[str, ...] = ("auto", "exact", "ivf", "hnsw")
 AUTO_EXACT_MAX_BASE = 50_000
 _BLOCK_ELEMENTS = 1 << 24  # similarity entries per matmul block (64 MiB float32)
+# queries per faiss ``knn`` call of the exact search: faiss tiles the base itself (4096 x 1024 blocks),
+# so memory is only rows x k, while each call reads the whole base once: small calls are memory-bound
+# (167 rows per call over 100k items cost as much as 1,024).
+_EXACT_QUERY_BLOCK = 8192
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,8 @@ class IvfParams:
     """
 
     nlist: int | None = None
-    nprobe: int = 8
-    query_nprobe: int = 32
+    nprobe: int = 16
+    query_nprobe: int = 64
     train_points_per_list: int = 64
     kmeans_iterations: int = 10
 
@@ -153,7 +159,7 @@ class NeighbourIndex:
             raise InputError(f"base_range {base_range} outside [0, {len(self.base)}]")
         _check_k(k, hi - lo)
         if self.method == "ivf":
-            probes = self._probe(q, self.ivf_params.query_nprobe)
+            probes = _probe_pairs(self._probe(q, self.ivf_params.query_nprobe))
             idx, sim = self._ivf_search(q, probes, k, lo, hi, desc)
         elif self.method == "hnsw":
             idx, sim = self._hnsw_search(q, k, base_range, desc)
@@ -162,11 +168,21 @@ class NeighbourIndex:
         _fill_missing(idx, sim, q, self.base, lo, hi)
         return idx, sim
 
-    def self_search(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` nearest base vectors of every base vector, itself included at column 0."""
+    def self_search(self, k: int, *, query_rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest base vectors of every base vector, itself included at column 0.
+
+        ``query_rows``: the first rows of the base are queries of the other modality (the pool of
+        k-reciprocal re-ranking); with ``ivf`` they probe ``query_nprobe`` lists, not ``nprobe``.
+        """
         _check_k(k, len(self.base))
+        if not 0 <= query_rows <= len(self.base):
+            raise InputError(f"query_rows={query_rows} outside [0, {len(self.base)}]")
         if self.method == "ivf":
-            idx, sim = self._ivf_search(self.base, self._probes, k, 0, len(self.base), "knn graph (ivf)")
+            rows, lists = _probe_pairs(self._probes[query_rows:], offset=query_rows)
+            if query_rows:
+                query_pairs = _probe_pairs(self._probe(self.base[:query_rows], self.ivf_params.query_nprobe))
+                rows, lists = np.concatenate([query_pairs[0], rows]), np.concatenate([query_pairs[1], lists])
+            idx, sim = self._ivf_search(self.base, (rows, lists), k, 0, len(self.base), "knn graph (ivf)")
             _fill_missing(idx, sim, self.base, self.base, 0, len(self.base))
         else:
             idx, sim = self.search(self.base, k, desc="knn graph")
@@ -177,7 +193,7 @@ class NeighbourIndex:
 
         idx = np.empty((len(q), k), dtype=np.int64)
         sim = np.empty((len(q), k), dtype=np.float32)
-        step = max(1, _BLOCK_ELEMENTS // (hi - lo))
+        step = _EXACT_QUERY_BLOCK
         for start in tqdm(range(0, len(q), step), desc=desc, disable=not self.progress):
             s, i = faiss.knn(q[start:start + step], self.base[lo:hi], k, metric=faiss.METRIC_INNER_PRODUCT)
             idx[start:start + step] = i + lo
@@ -207,18 +223,22 @@ class NeighbourIndex:
             out[start:start + step] = self._quantizer.search(x[start:start + step], nprobe)[1]
         return out
 
-    def _ivf_search(self, x: np.ndarray, probes: np.ndarray, k: int, lo: int, hi: int,
+    def _ivf_search(self, x: np.ndarray, probes: tuple[np.ndarray, np.ndarray], k: int, lo: int, hi: int,
                     desc: str) -> tuple[np.ndarray, np.ndarray]:
         """IVF-flat search by list: every list is scanned once, by one matmul with all rows probing it,
-        and each row keeps a running top-k (the scan is compute-bound rather than memory-bound)."""
+        and each row keeps a running top-k (the scan is compute-bound rather than memory-bound).
+
+        ``probes``: flat ``(row of x, list)`` pairs, each row with its lists (rows may differ in count).
+        """
         import faiss
 
         n = len(x)
         best_sim = np.full((n, k), -np.inf, dtype=np.float32)
         best_idx = np.full((n, k), -1, dtype=np.int64)
-        probing = _InvertedLists.build(probes.ravel(), self._lists.n_lists)
+        probe_rows, probe_lists = probes
+        probing = _InvertedLists.build(probe_lists, self._lists.n_lists)
         for lst in tqdm(range(self._lists.n_lists), desc=desc, disable=not self.progress):
-            rows = probing.members(lst) // probes.shape[1]
+            rows = probe_rows[probing.members(lst)]
             members = self._lists.members(lst)
             if lo > 0 or hi < len(self.base):
                 members = members[(members >= lo) & (members < hi)]
@@ -251,12 +271,18 @@ class _InvertedLists:
         return len(self.starts) - 1
 
     @classmethod
-    def build(cls, assignment: np.ndarray, n_lists: int) -> "_InvertedLists":
+    def build(cls, assignment: np.ndarray, n_lists: int) -> _InvertedLists:
         order = np.argsort(assignment, kind="stable")
         return cls(order, np.searchsorted(assignment[order], np.arange(n_lists + 1)))
 
     def members(self, lst: int) -> np.ndarray:
         return self.order[self.starts[lst]:self.starts[lst + 1]]
+
+
+def _probe_pairs(probes: np.ndarray, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, nprobe)`` probed lists as flat ``(row + offset, list)`` pairs."""
+    rows = np.repeat(np.arange(offset, offset + len(probes)), probes.shape[1])
+    return rows, probes.ravel()
 
 
 def knn_search(queries: np.ndarray, base: np.ndarray, k: int, method: str = "auto", *, seed: int = 0,

@@ -292,7 +292,7 @@ def _rank_krr(pool: np.ndarray, n_query: int, p: Mapping[str, float], topk: int,
     del pool
     qn, gn = index.base[:n_query], index.base[n_query:]
     n_gallery = len(gn)
-    graph = build_graph(index, max(k1 + 1, k2))
+    graph = build_graph(index, max(k1 + 1, k2), query_rows=n_query)
     min_sim = farthest_similarity(index.base, sample_size=options.sample_size, seed=options.seed,
                                   progress=options.progress)
     weights = _reciprocal_weights(graph, index.base, k1, min_sim=min_sim)
