@@ -1,5 +1,5 @@
 """Building blocks of the exact re-rankers that keep them near the matmul floor: SGR's selection
-network, the half-Gram self graph, the pool graph of k-reciprocal re-ranking, AIM's tie fallback."""
+network (compiled), the half-Gram self graph, the pool graph of k-reciprocal re-ranking, AIM's tie fallback."""
 
 from __future__ import annotations
 
@@ -13,18 +13,35 @@ from vireid.retrieval.kreciprocal import pool_neighbours
 from vireid.retrieval.sim import (
     _mean_of_shortest_paths,
     _sgr_sequential,
+    _shortest_path_kernel,
     _update_levels,
-    run_network,
     smallest_sorted_network,
 )
 
 
-@pytest.mark.parametrize(("n", "k"), [(1, 1), (2, 1), (3, 2), (7, 3), (8, 8), (20, 9), (20, 5), (20, 20), (21, 9)])
+NETWORK_SIZES = [(1, 1), (2, 1), (3, 2), (7, 3), (8, 8), (20, 9), (20, 5), (20, 20), (21, 9)]
+
+
+@pytest.mark.parametrize(("n", "k"), NETWORK_SIZES)
 def test_selection_network_leaves_the_k_smallest_sorted(n: int, k: int) -> None:
-    values = np.random.default_rng(n * 100 + k).integers(0, 6, size=(n, 500)).astype(np.float32)  # many ties
-    wires = list(values.copy())
-    out = run_network(smallest_sorted_network(n, k), wires, np.empty(500, dtype=np.float32))[:k]
-    np.testing.assert_array_equal(np.stack(out), np.sort(values, axis=0)[:k])
+    rng = np.random.default_rng(n * 100 + k)
+    for values in rng.integers(0, 6, size=(200, n)).tolist():  # many ties
+        wires = values + [None] * ((1 << max(0, (n - 1).bit_length())) - n)
+        for op, low, high in smallest_sorted_network(n, k):
+            a, b = wires[low], wires[high]
+            if op == "move":
+                wires[low], wires[high] = b, a
+            else:
+                wires[low], wires[high] = (min(a, b) if op != "max" else a), (max(a, b) if op != "min" else b)
+        assert wires[:k] == sorted(values)[:k]
+
+
+@pytest.mark.parametrize(("n", "k"), NETWORK_SIZES)
+def test_compiled_kernel_gives_the_mean_of_the_k_smallest(n: int, k: int) -> None:
+    values = np.random.default_rng(n * 100 + k).integers(0, 6, size=(n, 500)).astype(np.float32)
+    out = np.empty((1, 500), dtype=np.float32)
+    _shortest_path_kernel(n, k)(values, np.arange(n)[None], np.zeros((1, n), np.float32), 0, 1, out)
+    np.testing.assert_array_equal(out[0], np.sort(values, axis=0)[:k].mean(axis=0))
 
 
 def _sgr_inputs(dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

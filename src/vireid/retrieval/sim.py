@@ -7,14 +7,13 @@ so reliable) to correct the cross-modality query–gallery distance.
 Layout: SGR treats every query row independently (its sequential reference update too), so it
 runs over blocks of queries; inside a block it works on the transposed distance ``(G, B)`` so
 that gathering the k_graph neighbour columns of a gallery item is a contiguous row gather.
-The K shortest paths of every (query, gallery) pair come from a sorting network applied
-element-wise to whole blocks.  Only one Q×G array (the output) exists.
+The K shortest paths of every (query, gallery) pair come from a pruned sorting network,
+unrolled into a compiled (numba) loop over the pairs.  Only one Q×G array (the output) exists.
 """
 
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,9 +26,8 @@ from vireid.retrieval.exact import (
 )
 from vireid.retrieval.kreciprocal import blend_jaccard, reciprocal_vectors, shared_mass
 
-SGR_WIRE_ELEMENTS = 1 << 16
-"""Path lengths per wire of SGR's selection network (256 KiB in float32; smaller wires lose more
-to per-call overhead than they gain in cache, measured on the 2-core machine)."""
+SGR_COLUMNS_PER_TASK = 64
+"""Gallery columns one worker thread computes per task in SGR's compiled loop."""
 
 
 def sgr(query_feat: np.ndarray, gallery_feat: np.ndarray, *, lam: float = 0.01, K: int = 9, k_graph: int = 20,
@@ -143,33 +141,62 @@ def _mean_of_shortest_paths(source: np.ndarray, rows: np.ndarray, edge: np.ndarr
     """SIM Eq. 5 for c = 0, 1, …: the mean of the K smallest of ``source[rows[c, i]] + edge[c, i]``
     over i (each a row of B path lengths), handed to ``store(columns, mean)`` in blocks of c.
 
-    The K smallest come from :func:`smallest_sorted_network` (element-wise min/max over whole
-    blocks, no per-pair sort); they are summed in ascending order and divided by K, as
-    ``np.sort(...)[:K].mean()``, so the result is the same bit for bit.
+    The K smallest come from :func:`smallest_sorted_network`, compiled per (k_graph, K) by
+    :func:`_shortest_path_kernel`; they are summed in ascending order and divided by K.
     """
-    k_graph = rows.shape[1]
-    network = smallest_sorted_network(k_graph, K)
-    rows_t = np.ascontiguousarray(rows.T)
-    edge_t = np.ascontiguousarray(edge.T)
-    step = max(1, SGR_WIRE_ELEMENTS // source.shape[1])
-    local = threading.local()
+    kernel = _shortest_path_kernel(rows.shape[1], K)
+    rows = np.ascontiguousarray(rows)
+    edge = np.ascontiguousarray(edge, dtype=source.dtype)
 
     def update(start: int) -> None:
-        stop = min(start + step, len(rows))
-        if not hasattr(local, "wires"):
-            local.wires = np.empty((k_graph + 1, step, source.shape[1]), dtype=source.dtype)
-        buffers = local.wires[:, : stop - start]
-        wires: list[np.ndarray | None] = list(buffers[:k_graph])
-        for n, wire in enumerate(wires):
-            np.take(source, rows_t[n, start:stop], axis=0, out=wire)
-            wire += edge_t[n, start:stop, None]
-        total, *rest = run_network(network, wires, buffers[k_graph])[:K]
-        for wire in rest:
-            total += wire
-        total /= K
-        store(slice(start, stop), total)
+        stop = min(start + SGR_COLUMNS_PER_TASK, len(rows))
+        mean = np.empty((stop - start, source.shape[1]), dtype=source.dtype)
+        kernel(source, rows, edge, start, stop, mean)
+        store(slice(start, stop), mean)
 
-    list(pool.map(update, range(0, len(rows), step)))
+    list(pool.map(update, range(0, len(rows), SGR_COLUMNS_PER_TASK)))
+
+
+@functools.lru_cache(maxsize=16)
+def _shortest_path_kernel(k_graph: int, K: int) -> Callable[..., None]:
+    """``kernel(source, rows, edge, start, stop, out)``: for columns c in [start, stop) and every
+    b, ``out[c - start, b]`` = the mean of the K smallest ``source[rows[c, i], b] + edge[c, i]``.
+
+    numba compiles Python source generated from :func:`smallest_sorted_network`: one local
+    variable per wire, the network's min/max steps written out, so each (c, b) pair runs in
+    registers and the loop over b vectorises (no per-pass array traffic).  It releases the GIL.
+    """
+    import numba
+
+    namespace: dict[str, object] = {}
+    exec(compile(_kernel_source(k_graph, K), f"<SGR kernel k_graph={k_graph} K={K}>", "exec"), namespace)
+    return numba.njit(nogil=True)(namespace["shortest_path_means"])
+
+
+def _kernel_source(k_graph: int, K: int) -> str:
+    """The source of :func:`_shortest_path_kernel`'s loop for one (k_graph, K)."""
+    body = [f"            w{i} = r{i}[b] + e{i}" for i in range(k_graph)]
+    wires = [f"w{i}" for i in range(1 << max(0, (k_graph - 1).bit_length()))]
+    for step, (op, low, high) in enumerate(smallest_sorted_network(k_graph, K)):
+        a, b = wires[low], wires[high]
+        if op in ("cmp", "min"):
+            body.append(f"            lo{step} = min({a}, {b})")
+            wires[low] = f"lo{step}"
+        if op in ("cmp", "max"):
+            body.append(f"            hi{step} = max({a}, {b})")
+            wires[high] = f"hi{step}"
+        if op == "move":
+            wires[low], wires[high] = b, a
+    total = wires[0]
+    for m in range(1, K):
+        body.append(f"            sum{m} = {total} + {wires[m]}")
+        total = f"sum{m}"
+    body.append(f"            row[b] = {total} / {K}")
+    head = ["def shortest_path_means(source, rows, edge, start, stop, out):",
+            "    for c in range(start, stop):"]
+    head += [f"        r{i} = source[rows[c, {i}]]\n        e{i} = edge[c, {i}]" for i in range(k_graph)]
+    head += ["        row = out[c - start]", "        for b in range(source.shape[1]):"]
+    return "\n".join(head + body) + "\n"
 
 
 @functools.lru_cache(maxsize=64)
@@ -225,29 +252,6 @@ def _batcher_comparators(size: int) -> list[tuple[int, int]]:
             d, q, r = q - p, q >> 1, p
         p >>= 1
     return comparators
-
-
-def run_network(network: tuple[tuple[str, int, int], ...], wires: list[np.ndarray | None],
-                spare: np.ndarray) -> list[np.ndarray]:
-    """Applies :func:`smallest_sorted_network` element-wise to equally shaped arrays, in place.
-
-    ``wires`` holds the n inputs (overwritten); ``spare`` is one more array of their shape.
-    Returns the wires after the network: the first k hold the k smallest values, ascending.
-    """
-    wires = wires + [None] * ((1 << max(0, (len(wires) - 1).bit_length())) - len(wires))
-    for op, low, high in network:
-        a, b = wires[low], wires[high]
-        if op == "cmp":
-            np.minimum(a, b, out=spare)
-            np.maximum(a, b, out=b)
-            wires[low], spare = spare, a
-        elif op == "min":
-            np.minimum(a, b, out=a)
-        elif op == "max":
-            np.maximum(a, b, out=b)
-        else:
-            wires[low], wires[high] = b, a
-    return wires  # type: ignore[return-value]
 
 
 def _mnnr(dist: np.ndarray, gn: np.ndarray, gallery: NeighbourGraph, kq: int, kg: int, alpha: float,
