@@ -9,7 +9,7 @@ data, image size, sampler, epochs and seed, is evaluated on the SYSU official pr
 * SAAI: AIM re-ranking with the ``sysu`` preset (k1 4, k2 1);
 * cm-SSFT: the SSTN's test-time transfer, all-queries mode and single-query mode (Eq. 22), two rows.
 
-Run: ``python benchmarks/methods.py [--ids 150] [--epochs 8] [--out runs/bench_methods]``.
+Run: ``python benchmarks/methods.py [--ids 150] [--epochs 8] [--demo-difficulty] [--out runs/bench_methods]``.
 Numbers are percent; one run of one seed on a CPU budget, so differences of a few points are noise.
 """
 
@@ -23,10 +23,11 @@ import torch
 
 from vireid.data.datasets import build_dataset
 from vireid.data.protocols import build_protocol, protocol_feature_set, protocol_images
-from vireid.data.synthetic import SynthConfig, render_dataset
+from vireid.data.synthetic import Difficulty, SynthConfig, render_dataset
 from vireid.data.transforms import TransformConfig
 from vireid.engine.checkpoint import load_checkpoint_model
 from vireid.engine.config import load_train_config
+from vireid.engine.demo import DemoSettings
 from vireid.engine.extraction import extract_features
 from vireid.engine.trainer import train
 from vireid.evaluation.evaluator import DistanceFn, evaluate_features
@@ -102,18 +103,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--demo-difficulty", action="store_true",
+                        help="render with vireid demo's difficulty (near-infrared-like brightness) instead of "
+                             "the generator's harder default")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_methods")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    data_root = args.out / f"synthetic_sysu_{args.ids}"
-    render_dataset(SynthConfig("sysu", num_ids=args.ids, seed=args.seed), data_root)
+    difficulty = DemoSettings.difficulty if args.demo_difficulty else Difficulty()
+    data_root = args.out / f"synthetic_sysu_{args.ids}{'_demo' if args.demo_difficulty else ''}"
+    render_dataset(SynthConfig("sysu", num_ids=args.ids, seed=args.seed, difficulty=difficulty), data_root)
     rows = []
     for method in args.methods:
         rows.extend(run_method(method, data_root, args.out, args))
         print(f"{method}: done ({rows[-1]['train_s']:.0f} s training)", flush=True)
 
-    print(f"\nsynthetic SYSU ({args.ids} ids), {args.backbone} {args.height}x{args.width}, {args.epochs} epochs, "
+    level = "demo" if args.demo_difficulty else "default"
+    print(f"\nsynthetic SYSU ({args.ids} ids, {level} difficulty), {args.backbone} {args.height}x{args.width}, "
+          f"{args.epochs} epochs, "
           f"batches of {args.num_ids} ids x ({args.per_modality}+{args.per_modality}); SYSU all-search single-shot, "
           "10 seeded trials (percent)")
     header = (f"{'method':<11} {'inference':<14} {'r1':>6} {'mAP':>6} {'mINP':>6} | "
