@@ -508,3 +508,56 @@ def test_paper_configs_train_on_every_training_identity() -> None:
         assert cfg.data.val_ids == 0, path.name
         assert cfg.amp == "auto", path.name
         assert cfg.data.num_workers >= 4, path.name
+
+
+# ----------------------------------------------------------------------------- optimisers, options
+
+
+def _minmax_trainer(tmp_path: Path, **schedule: object) -> Trainer:
+    import test_engine_baseline  # noqa: F401  (registers the test_minmax method)
+
+    manifest = write_tiny_manifest(tmp_path, ids=4, per_modality=2)
+    data = _ddp_config(manifest, tmp_path / "run", epochs=2)
+    data["model"]["method"] = "test_minmax"
+    data["model"]["params"] = {"adversarial_weight": 0.5}
+    data["optim"].update(name="adam", lr=1e-3, adversary_lr=0.05)
+    data["schedule"].update(schedule)
+    return Trainer(load_train_config(_write_config(tmp_path / "c.yaml", data)), DistInfo(), torch.device("cpu"))
+
+
+def test_the_adversary_follows_the_learning_rate_schedule(tmp_path: Path) -> None:
+    trainer = _minmax_trainer(tmp_path, warmup_epochs=1, warmup_factor=0.1, milestones=[1], gamma=0.1)
+    steps = len(trainer.sampler)
+    assert steps == 2
+    for epoch, step, factor in ((0, 0, 0.1), (0, 1, 0.1 + 0.9 / 2), (1, 0, 0.1), (1, 1, 0.1)):
+        trainer.schedule.set_position(epoch, step)
+        assert trainer.adversary_optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * factor)
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-4 * factor, 1e-3 * factor])
+
+
+def test_the_gradient_scaler_steps_every_optimiser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = _minmax_trainer(tmp_path)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaled, stepped = [], []
+    original_scale, original_step = trainer.scaler.scale, trainer.scaler.step
+    monkeypatch.setattr(trainer.scaler, "scale", lambda loss: scaled.append(float(loss.detach())) or original_scale(loss))
+    monkeypatch.setattr(trainer.scaler, "step", lambda opt: stepped.append(opt) or original_step(opt))
+    before = trainer.model.discriminator.weight.detach().clone()
+    images, labels, modality, _ = next(iter(trainer.loader))
+    logs = trainer._train_step(images, labels, modality)
+    assert len(scaled) == 2 and stepped == [trainer.optimizer, trainer.adversary_optimizer]
+    assert scaled[1] == pytest.approx(float(logs["adversary_loss"]))
+    assert not torch.equal(before, trainer.model.discriminator.weight)
+
+
+def test_sync_bn_is_refused_on_the_cpu(tmp_path: Path, manifest: Path) -> None:
+    data = _ddp_config(manifest, tmp_path / "run", epochs=1, sync_bn=True)
+    cfg = load_train_config(_write_config(tmp_path / "c.yaml", data))
+    with pytest.raises(InputError, match="sync_bn"):
+        Trainer(cfg, DistInfo(rank=0, world_size=2), torch.device("cpu"))
+
+
+def test_gpu_check_refuses_to_run_without_cuda() -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py")], cwd=REPO, text=True,
+                          capture_output=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "refuses" in proc.stderr
