@@ -298,6 +298,24 @@ def test_resume_a_two_process_run_in_one_process(tmp_path: Path, manifest: Path)
     assert summary["global_batches"] == 4 + len(resumed["steps"])
 
 
+def test_resume_a_one_process_run_on_two_processes(tmp_path: Path, manifest: Path) -> None:
+    """5 of the epoch's 6 batches trained by one process; two processes continue: the 6th batch
+    would be half a step, so it is skipped (and logged), and epoch 2 is shared as usual."""
+    config = _write_config(tmp_path / "c.yaml", _ddp_config(manifest, tmp_path / "run", epochs=2, log_every=1,
+                                                            checkpoint_every=1))
+    first = launch(tmp_path, 1, {"config": str(config), "stop_after": 5})[0]
+    assert "Interrupted" in first["error"]
+    resumed = launch(tmp_path, 2, {"resume": True, "run_dir": str(tmp_path / "run")})
+    assert all("error" not in r for r in resumed), [r.get("error") for r in resumed]
+    reference = launch(tmp_path, 1, {"config": str(config), "overrides": [f"output_dir={tmp_path / 'single'}"]})[0]
+    second_epoch = [s["labels"] for s in reference["steps"] if s["epoch"] == 1]
+    for rank, record in enumerate(resumed):
+        assert [s["epoch"] for s in record["steps"]] == [1, 1, 1]
+        assert [s["labels"] for s in record["steps"]] == second_epoch[rank::2]
+    assert resumed[0]["summary"]["global_batches"] == 5 + 6
+    assert "1 batch(es) of epoch 1 are skipped" in (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_a_nan_on_one_process_stops_every_process(tmp_path: Path, manifest: Path) -> None:
     config = _write_config(tmp_path / "c.yaml", _ddp_config(manifest, tmp_path / "run", epochs=2, log_every=3))
     records = launch(tmp_path, 2, {"config": str(config), "nan_at": [1, 1]}, timeout=120)

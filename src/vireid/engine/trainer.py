@@ -226,14 +226,13 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False) -> dict[str, Any]:
         cfg = self.cfg
-        if resume:
-            self._load(self.run_dir / CHECKPOINT_DIR / LAST)
-        if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            self.writer = _summary_writer(self.run_dir / "tensorboard",
-                                          self.progress.global_batches + 1 if resume else None)
         with _run_log(self.run_dir / LOG_FILE if self.info.is_main else None, console_bars=cfg.progress_bar):
+            if resume:
+                self._load(self.run_dir / CHECKPOINT_DIR / LAST)
+            if self.info.is_main:
+                write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+                self.writer = _summary_writer(self.run_dir / "tensorboard",
+                                              self.progress.global_batches + 1 if resume else None)
             self._log_start(resume)
             start = time.perf_counter()
             images_seen = 0
@@ -417,7 +416,7 @@ class Trainer:
                 group["initial_lr"] = lr
         if ckpt.get("grad_scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["grad_scaler"])
-        self.sampler.load_state_dict(ckpt["sampler"])
+        self.sampler.load_state_dict({**ckpt["sampler"], "position": 0})  # checks the seed; position below
         restore_rng_state(ckpt["rng"], self.device)
         p = ckpt["progress"]
         saved_world = int(p.get("world_size", 1))
