@@ -5,9 +5,7 @@ loss on one process, pretrained weights from files the tests make, routing, logg
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from torch import Tensor, nn
 

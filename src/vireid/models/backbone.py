@@ -22,17 +22,11 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
 from vireid.errors import InputError
-from vireid.models.pretrained import (
-    TIMM_PREFIX,
-    load_state_dict_file,
-    resolve_pretrained,
-    wants_weights,
-)
+from vireid.models.pretrained import TIMM_PREFIX, load_state_dict_file, resolve_pretrained
 from vireid.models.routing import route
 
 log = logging.getLogger(__name__)
@@ -76,14 +70,8 @@ def backbone_stages(name: str, last_stride: int = 1, pretrained: str | os.PathLi
     if last_stride == 1:
         _remove_stride(net.layer4[0])
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-    stages = nn.ModuleDict({"stem": stem, "layer1": net.layer1, "layer2": net.layer2,
-                            "layer3": net.layer3, "layer4": net.layer4})
-    return stages, 512 * block.expansion
-
-
-def resnet_stages(name: str, last_stride: int = 1, pretrained: str | Path | None = None) -> nn.ModuleDict:
-    """The five stages of a ResNet backbone (``stem``, ``layer1`` .. ``layer4``)."""
-    return backbone_stages(name, last_stride, pretrained)[0]
+    stages = (stem, net.layer1, net.layer2, net.layer3, net.layer4)
+    return nn.ModuleDict(dict(zip(STAGES, stages))), 512 * block.expansion
 
 
 def _remove_stride(block: nn.Module) -> None:
@@ -111,7 +99,7 @@ def _timm_stages(name: str, last_stride: int, pretrained: str | os.PathLike[str]
     import timm
 
     model_name = name[len(TIMM_PREFIX):]
-    weights = resolve_pretrained(name, pretrained) if wants_weights(pretrained) else None
+    weights = resolve_pretrained(name, pretrained)
     kwargs: dict = {"num_classes": 0}
     if weights is not None:
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": weights.file})
@@ -121,7 +109,8 @@ def _timm_stages(name: str, last_stride: int, pretrained: str | os.PathLike[str]
     except RuntimeError as exc:
         raise InputError(f"backbone {name!r}: timm could not build it ({exc})".replace("\n", " ")) from None
     if is_vit:
-        return nn.ModuleDict({"stem": PatchEmbeddingMap(net), "blocks": TransformerBlocksMap(net)}), net.num_features
+        stages = (PatchEmbeddingMap(net), TransformerBlocksMap(net))
+        return nn.ModuleDict(dict(zip(VIT_STAGES, stages))), net.num_features
     if not all(hasattr(net, s) for s in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer4")):
         raise InputError(f"backbone {name!r}: only timm ResNet-family models (conv1 .. layer4) and Vision "
                          f"Transformers can be split into modality-specific and shared stages; "
@@ -129,8 +118,8 @@ def _timm_stages(name: str, last_stride: int, pretrained: str | os.PathLike[str]
     if last_stride == 1:
         _remove_stride(net.layer4[0])
     stem = nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool)
-    return nn.ModuleDict({"stem": stem, "layer1": net.layer1, "layer2": net.layer2,
-                          "layer3": net.layer3, "layer4": net.layer4}), net.num_features
+    stages = (stem, net.layer1, net.layer2, net.layer3, net.layer4)
+    return nn.ModuleDict(dict(zip(STAGES, stages))), net.num_features
 
 
 def _split_arch(model_name: str) -> str:
