@@ -5,15 +5,15 @@ For each run it checks that the loss falls (mean of the first three logged windo
 last three) and prints images/s, step time, peak GPU memory per process and the fraction of the
 training time spent waiting for the data loader. A second pass checks that resuming is exact:
 two epochs in one go against one epoch, a stop, and ``--resume`` for the second, with
-deterministic kernels; the final weights must be bit-identical. One more run compiles the
-baseline's forward pass with ``torch.compile``.
+deterministic kernels; the final weights must be bit-identical. Extra baseline runs: with
+``torch.compile``, with channels-last memory format, and (on several GPUs) with SyncBN.
 
 The data are rendered here (``vireid synth``, SYSU-MM01 layout at 288x144); nothing is downloaded.
 ImageNet weights are used when torchvision's file is already in the torch hub cache, otherwise the
 runs start from random weights (``model.pretrained: none``), and the script says which.
 
     python benchmarks/gpu_check.py [--steps 200] [--methods baseline xiv df2am saai ssft]
-                                   [--amp bf16 fp16] [--out DIR] [--skip-resume] [--skip-compile]
+                                   [--amp bf16 fp16] [--out DIR] [--skip-resume] [--skip-extras]
 
 It refuses to run without CUDA. ``--cpu-smoke`` runs the same orchestration on the CPU with the
 methods' tiny configs (gloo, 2 processes, float32) to test this script itself; its figures mean nothing.
@@ -48,7 +48,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for runs and results.json (default: a temporary one)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per training run")
     parser.add_argument("--skip-resume", action="store_true", help="skip the exact-resume pass")
-    parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile run")
+    parser.add_argument("--skip-extras", action="store_true",
+                        help="skip the baseline runs with torch.compile, channels-last (and SyncBN on several GPUs)")
     parser.add_argument("--cpu-smoke", action="store_true", help="test this script on the CPU (tiny configs only)")
     args = parser.parse_args()
 
@@ -109,29 +110,32 @@ def main() -> int:
                                                                    args.timeout)})
             print(f"resume {name} ({amp}): {resume[-1]['verdict']}", flush=True)
 
-    compiled = None
-    if not args.skip_compile and not smoke:
+    extras = []
+    if not args.skip_extras and not smoke:
         amp = args.amp[0]
         epochs = epochs_for(REPO / "configs" / "baseline_sysu.yaml", root, world, args.steps)
-        compiled = {"config": "baseline_sysu", "amp": amp, **train_run(
-            "baseline_sysu", out / "runs" / "baseline_sysu_compiled", world,
-            common + [f"model.pretrained={'auto' if pretrained else 'none'}", f"amp={amp}", f"epochs={epochs}",
-                      "compile=true"], args.timeout)}
-        print_row({**compiled, "config": "baseline_sysu + torch.compile"}, flush=True)
+        variants = {"torch.compile": ["compile=true"], "channels_last": ["model.channels_last=true"]}
+        if world > 1:
+            variants["sync_bn"] = ["sync_bn=true"]
+        for label, sets in variants.items():
+            extras.append({"config": f"baseline_sysu + {label}", "amp": amp, **train_run(
+                "baseline_sysu", out / "runs" / f"baseline_sysu_{label.replace('.', '_')}", world,
+                common + [f"model.pretrained={'auto' if pretrained else 'none'}", f"amp={amp}", f"epochs={epochs}",
+                          *sets], args.timeout)})
+            print_row(extras[-1], flush=True)
 
     print()
     print(f"{'config':<32} {'amp':<5} {'steps':>6} {'img/s':>8} {'step ms':>8} {'GPU GiB':>8} {'data wait':>9} "
           f"{'loss first -> last':>20} {'falls':>6}")
-    for row in runs + ([{**compiled, "config": "baseline_sysu + compile"}] if compiled else []):
+    for row in runs + extras:
         print_row(row)
     for row in resume:
         print(f"resume {row['config']:<25} {row['amp']:<5} {row['verdict']}")
     failures = [r for r in runs if not r.get("ok") or not r.get("loss_falls")]
     failures += [r for r in resume if not r.get("exact")]
-    if compiled and not compiled.get("ok"):
-        failures.append(compiled)
+    failures += [r for r in extras if not r.get("ok")]
     results = {"device": device, "world_size": world, "torch": torch.__version__, "pretrained": pretrained,
-               "runs": runs, "resume": resume, "compile": compiled, "failures": len(failures)}
+               "runs": runs, "resume": resume, "extras": extras, "failures": len(failures)}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"\n{len(failures)} failure(s); results in {out / 'results.json'}")
     return 1 if failures else 0
