@@ -95,10 +95,16 @@ def _ddp_config(manifest: Path, run: Path, **extra: object) -> dict:
 
 
 def test_two_processes_run_every_collective_on_the_model_device(tmp_path: Path, manifest: Path) -> None:
+    """2 gloo processes, with validation and ImageNet weights to fetch: every collective's tensors
+    are on the model's device, only local rank 0 downloads the weights, the other process waits
+    and reads the same file."""
+    fake = _fake_resnet18_file(tmp_path / "fake.pth")
     data = _ddp_config(manifest, tmp_path / "run", epochs=1, log_every=2)
     data["data"]["val_ids"] = 2
     data["eval"]["period"] = 1
-    records = launch(tmp_path, 2, {"config": str(_write_config(tmp_path / "c.yaml", data))})
+    data["model"].update(backbone="resnet18", pretrained="auto")
+    records = launch(tmp_path, 2, {"config": str(_write_config(tmp_path / "c.yaml", data)), "fake_weights": str(fake)},
+                     env={"TORCH_HOME": str(tmp_path / "torch")})
     for record in records:
         assert "error" not in record, record.get("error")
         model_device = {s["model_device"] for s in record["steps"]}
@@ -109,6 +115,8 @@ def test_two_processes_run_every_collective_on_the_model_device(tmp_path: Path, 
             assert set(call["devices"]) <= model_device, call
             if call["op"] == "broadcast_object_list":
                 assert call.get("device_argument") == "cpu", call
+    assert len(records[0]["downloads"]) == 1 and records[1]["downloads"] == []
+    assert records[0]["summary"]["pretrained"]["sha256"] == records[1]["summary"]["pretrained"]["sha256"]
 
 
 class _Stop(Exception):
@@ -237,21 +245,31 @@ def test_amp_auto_is_float32_on_the_cpu(tmp_path: Path, manifest: Path) -> None:
 # ----------------------------------------------------------------------------- batch composition
 
 
-def test_each_process_trains_on_a_whole_batch_of_the_single_process_sequence(tmp_path: Path, manifest: Path) -> None:
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, manifest: Path) -> tuple[Path, dict]:
+    """A 2-epoch single-process run (every step logged and checkpointed): config and record."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config = _write_config(tmp / "c.yaml", _ddp_config(manifest, tmp / "run", epochs=2, log_every=1,
+                                                       checkpoint_every=1))
+    record = launch(tmp, 1, {"config": str(config)})[0]
+    assert "error" not in record, record.get("error")
+    return config, record
+
+
+def test_each_process_trains_on_a_whole_batch_of_the_single_process_sequence(
+        tmp_path: Path, reference: tuple[Path, dict]) -> None:
     """2 gloo processes: each step of each process is a full 2 ids x (2 visible + 2 infrared) batch,
     process r's step s is batch 2s + r of the sequence one process trains on, and each process's
     first loss equals the loss of the initial model on that batch."""
-    config = _write_config(tmp_path / "c.yaml", _ddp_config(manifest, tmp_path / "run", epochs=1, log_every=1))
-    single = launch(tmp_path, 1, {"config": str(config), "overrides": [f"output_dir={tmp_path / 'single'}"]})[0]
-    ranks = launch(tmp_path, 2, {"config": str(config), "overrides": [f"output_dir={tmp_path / 'ddp'}"]})
-    sequence = single["steps"]
+    config, single = reference
+    ranks = launch(tmp_path, 2, {"config": str(config), "overrides": [f"output_dir={tmp_path / 'ddp'}", "epochs=1"]})
+    sequence = [s for s in single["steps"] if s["epoch"] == 0]
     assert len(sequence) == 6 and all(len(r["steps"]) == 3 for r in ranks)  # 8 ids x 3 images / (2 x 2)
     for rank, record in enumerate(ranks):
         for s, step in enumerate(record["steps"]):
             assert step["modality"] == [0] * 4 + [1] * 4
             assert len(set(step["labels"])) == 2 and step["labels"][:4] == step["labels"][4:]
-            if 2 * s + rank < len(sequence):
-                assert step["labels"] == sequence[2 * s + rank]["labels"]
+            assert step["labels"] == sequence[2 * s + rank]["labels"]
 
     cfg = load_train_config(config, [f"output_dir={tmp_path / 'probe'}"])
     probe = Trainer(cfg, DistInfo(), torch.device("cpu"))
@@ -271,41 +289,39 @@ def test_each_process_trains_on_a_whole_batch_of_the_single_process_sequence(tmp
           f"{first_losses[1]:.6f}")
 
 
-def test_resume_a_two_process_run_in_one_process(tmp_path: Path, manifest: Path) -> None:
-    config = _write_config(tmp_path / "c.yaml", _ddp_config(manifest, tmp_path / "run", epochs=2, log_every=1,
-                                                            checkpoint_every=1))
-    interrupted = launch(tmp_path, 2, {"config": str(config), "stop_after": 2})
+def test_resume_a_two_process_run_in_one_process(tmp_path: Path, reference: tuple[Path, dict]) -> None:
+    config, single = reference
+    run = [f"output_dir={tmp_path / 'run'}"]
+    interrupted = launch(tmp_path, 2, {"config": str(config), "overrides": run, "stop_after": 2})
     assert all("Interrupted" in r.get("error", "") for r in interrupted)
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["progress"]
     assert saved == {"epoch": 0, "step_in_epoch": 2, "global_step": 2, "global_batches": 4, "world_size": 2}
 
     resumed = launch(tmp_path, 1, {"resume": True, "run_dir": str(tmp_path / "run")})[0]
     assert "error" not in resumed, resumed.get("error")
-    reference = launch(tmp_path, 1, {"config": str(config), "overrides": [f"output_dir={tmp_path / 'single'}"]})[0]
     # the single process continues with batch 4 of epoch 1 (2 steps x 2 processes were trained) ...
-    first_epoch = [s for s in reference["steps"] if s["epoch"] == 0]
+    first_epoch = [s for s in single["steps"] if s["epoch"] == 0]
     resumed_first = [s for s in resumed["steps"] if s["epoch"] == 0]
     assert [s["labels"] for s in resumed_first] == [s["labels"] for s in first_epoch[4:]]
     # ... then trains epoch 2 as a single process does, at the same learning rates
     second = [s for s in resumed["steps"] if s["epoch"] == 1]
-    assert [s["labels"] for s in second] == [s["labels"] for s in reference["steps"] if s["epoch"] == 1]
-    assert [s["lr"] for s in resumed["steps"]] == [s["lr"] for s in reference["steps"][4:]]
+    assert [s["labels"] for s in second] == [s["labels"] for s in single["steps"] if s["epoch"] == 1]
+    assert [s["lr"] for s in resumed["steps"]] == [s["lr"] for s in single["steps"][4:]]
     summary = resumed["summary"]
     assert summary["epochs"] == 2 and summary["world_size"] == 1
     assert summary["global_batches"] == 4 + len(resumed["steps"])
 
 
-def test_resume_a_one_process_run_on_two_processes(tmp_path: Path, manifest: Path) -> None:
+def test_resume_a_one_process_run_on_two_processes(tmp_path: Path, reference: tuple[Path, dict]) -> None:
     """5 of the epoch's 6 batches trained by one process; two processes continue: the 6th batch
     would be half a step, so it is skipped (and logged), and epoch 2 is shared as usual."""
-    config = _write_config(tmp_path / "c.yaml", _ddp_config(manifest, tmp_path / "run", epochs=2, log_every=1,
-                                                            checkpoint_every=1))
-    first = launch(tmp_path, 1, {"config": str(config), "stop_after": 5})[0]
+    config, single = reference
+    first = launch(tmp_path, 1, {"config": str(config), "overrides": [f"output_dir={tmp_path / 'run'}"],
+                                 "stop_after": 5})[0]
     assert "Interrupted" in first["error"]
     resumed = launch(tmp_path, 2, {"resume": True, "run_dir": str(tmp_path / "run")})
     assert all("error" not in r for r in resumed), [r.get("error") for r in resumed]
-    reference = launch(tmp_path, 1, {"config": str(config), "overrides": [f"output_dir={tmp_path / 'single'}"]})[0]
-    second_epoch = [s["labels"] for s in reference["steps"] if s["epoch"] == 1]
+    second_epoch = [s["labels"] for s in single["steps"] if s["epoch"] == 1]
     for rank, record in enumerate(resumed):
         assert [s["epoch"] for s in record["steps"]] == [1, 1, 1]
         assert [s["labels"] for s in record["steps"]] == second_epoch[rank::2]
@@ -374,17 +390,6 @@ def test_offline_without_cached_weights_is_a_one_line_error(tmp_path: Path, monk
     data["model"].update(backbone="resnet50", pretrained="auto")
     assert cli_main(["train", "--config", str(_write_config(tmp_path / "c.yaml", data))]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("vireid train: error: model.pretrained:")
-
-
-def test_one_process_downloads_the_weights_the_others_wait(tmp_path: Path, manifest: Path) -> None:
-    fake = _fake_resnet18_file(tmp_path / "fake.pth")
-    data = _ddp_config(manifest, tmp_path / "run", epochs=1)
-    data["model"].update(backbone="resnet18", pretrained="auto")
-    records = launch(tmp_path, 2, {"config": str(_write_config(tmp_path / "c.yaml", data)), "fake_weights": str(fake)},
-                     env={"TORCH_HOME": str(tmp_path / "torch")})
-    assert all("error" not in r for r in records), [r.get("error") for r in records]
-    assert len(records[0]["downloads"]) == 1 and records[1]["downloads"] == []
-    assert records[0]["summary"]["pretrained"]["sha256"] == records[1]["summary"]["pretrained"]["sha256"]
 
 
 def test_timm_backbones_by_name_with_weights_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
