@@ -87,8 +87,12 @@ def test_train_writes_checkpoints_summary_and_logs(tmp_path: Path, manifest: Pat
     assert (run / "summary.json").is_file() and (run / "config.yaml").is_file()
     assert any((run / "tensorboard").iterdir())
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert last["progress"] == {"epoch": 2, "step_in_epoch": 0, "global_step": 2 * summary["steps_per_epoch"]}
-    assert set(last) >= {"model", "optimizer", "scheduler", "sampler", "rng", "config"}
+    steps = 2 * summary["steps_per_epoch"]
+    assert last["progress"] == {"epoch": 2, "step_in_epoch": 0, "global_step": steps, "global_batches": steps,
+                                "world_size": 1}
+    assert set(last) >= {"model", "optimizer", "sampler", "rng", "config"}
+    log_text = (run / "log.txt").read_text()
+    assert "training" in log_text and "epoch 2 validation" in log_text and "done: 2 epochs" in log_text
     model, loaded_cfg = load_checkpoint_model(run / "checkpoints" / "best.pt")
     assert loaded_cfg.model.backbone == "resnet10" and not model.training
     feat = model.extract(torch.zeros(2, 3, 32, 16), torch.tensor([0, 1]))["feat"]
@@ -155,6 +159,8 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path, manifest: Path) -> None:
     assert output.count('"run_dir"') == 1  # only rank 0 reports
     summary = yaml.safe_load((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["history"]
-    # the epoch is defined on the global batch: 6 training ids x 3 images / (2 ids x 2) -> 5 batches
-    assert summary["steps_per_epoch"] == 5 and summary["global_step"] == 5
+    # each process trains on its own 2 ids x (2 + 2) batch; the single-process epoch of
+    # 6 training ids x 3 images / (2 ids x 2) = 5 batches is shared: 3 steps of 2 processes
+    assert summary["steps_per_epoch"] == 3 and summary["global_step"] == 3 and summary["global_batches"] == 6
+    assert summary["batch_size_per_process"] == 8
     assert (tmp_path / "ddp" / "checkpoints" / "last.pt").is_file()

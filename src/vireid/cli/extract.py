@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from vireid.cli import add_subcommand
@@ -16,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(query_feat, gallery_feat, ids, cams, per-trial index rows) that `vireid evaluate` and "
         "`vireid rerank` read.")
     p.add_argument("--checkpoint", required=True, type=Path,
-                   help="checkpoint file (last.pt / best.pt) or a run folder holding them")
+                   help="checkpoint file (last.pt / best.pt), or a run folder: its validation-selected best.pt "
+                   "when the run kept one, else its last.pt")
     p.add_argument("--dataset", default=None,
                    help="dataset adapter: sysu, regdb, llcm or manifest (default: the one the model was trained on)")
     p.add_argument("--root", default=None,
@@ -25,11 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="evaluation protocol: sysu (official), sysu-agw, regdb, llcm or market")
     p.add_argument("--protocol-param", action="append", default=[], metavar="NAME=VALUE",
                    help="protocol parameter, repeatable: e.g. mode=indoor, shots=10, direction=thermal-visible, "
-                   "permutations=seeded (SYSU-layout trees whose image counts differ from the official split)")
+                   "trials=3 or trials=[1,2], permutations=seeded (SYSU-layout trees whose image counts differ "
+                   "from the official split). RegDB with a model trained on RegDB: only the split it was "
+                   "trained on, unless trials says otherwise (with a warning: the other splits test "
+                   "identities it trained on)")
     p.add_argument("--out", required=True, type=Path, help="feature file to write (.npz, written atomically)")
     p.add_argument("--flip", action="store_true", help="average each feature with that of the mirrored image")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda:0 …")
+    p.add_argument("--workers", type=int, default=2, help="image loader processes")
     p.add_argument("--method-option", action="append", default=[], metavar="NAME=VALUE",
                    help="option of the method's test-time step, repeatable (cm-SSFT: mode=all|single, k=4)")
     p.set_defaults(func=run)
@@ -38,21 +44,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vireid.engine.checkpoint import load_checkpoint_model
+    from vireid.data.protocols import regdb_trials_for_split
+    from vireid.engine.checkpoint import load_checkpoint_model, resolve_checkpoint
+    from vireid.engine.extraction import set_default_workers
     from vireid.engine.pipeline import extract_protocol_features
+    from vireid.errors import InputError
     from vireid.features import save_features
 
-    model, cfg = load_checkpoint_model(args.checkpoint)
+    if args.workers < 0:
+        raise InputError(f"--workers must be >= 0, got {args.workers}")
+    set_default_workers(args.workers)
+    checkpoint, description = resolve_checkpoint(args.checkpoint)
+    print(f"checkpoint: {description}")
+    model, cfg = load_checkpoint_model(checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
     dataset = args.dataset or cfg.data.dataset
     root = args.root or cfg.data.root
     options = cfg.data.options if dataset == cfg.data.dataset else {}
+    protocol_params = parse_key_values(args.protocol_param, "--protocol-param")
+    if args.protocol == "regdb" and dataset == cfg.data.dataset == "regdb":
+        protocol_params, warning = regdb_trials_for_split(protocol_params, int(cfg.data.options.get("trial", 1)))
+        if warning:
+            print(f"vireid extract: warning: {warning}", file=sys.stderr)
     features = extract_protocol_features(
         model, cfg.transforms, dataset=dataset, root=root, dataset_options=options,
-        protocol=args.protocol, protocol_params=parse_key_values(args.protocol_param, "--protocol-param"),
+        protocol=args.protocol, protocol_params=protocol_params,
         flip=args.flip, batch_size=args.batch_size, device=device,
         finalize_options=parse_key_values(args.method_option, "--method-option"),
-        meta={"checkpoint": str(args.checkpoint), "method": cfg.model.method},
+        meta={"checkpoint": str(checkpoint), "method": cfg.model.method},
     )
     save_features(args.out, features)
     print(f"wrote {args.out}: {len(features.query_id)} query and {len(features.gallery_id)} gallery images, "

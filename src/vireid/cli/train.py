@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from vireid.cli import add_subcommand
 from vireid.errors import InputError
@@ -14,8 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_subcommand(
         subparsers, "train", "train a VI-ReID model from a YAML config",
         description="Train a method (baseline, xiv, df2am, saai, ssft) as a YAML config says. "
-        "Checkpoints, TensorBoard logs and summary.json go to output_dir. "
-        "Multi-process: torchrun --nproc_per_node=N -m vireid train --config ...",
+        "Checkpoints, log.txt, TensorBoard logs and summary.json go to output_dir; the log also goes to the "
+        "console. Several GPUs: torchrun --nproc_per_node=N -m vireid train --config ... (each process trains "
+        "on its own batch of sampler.num_ids identities, the epoch is shared between the processes).",
     )
     parser.add_argument("--config", metavar="CONFIG.yaml",
                         help="training config (see configs/); required unless --resume is given")
@@ -39,7 +41,11 @@ def run(args: argparse.Namespace) -> int:
         cfg = resume_config(args.resume, args.overrides)
     else:
         cfg = load_train_config(args.config, args.overrides)
-    summary = train(cfg, resume=bool(args.resume))
+    try:
+        summary = train(cfg, resume=bool(args.resume))
+    except FloatingPointError as exc:
+        print(f"vireid train: error: {exc}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     best = summary["best"]

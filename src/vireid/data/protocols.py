@@ -89,8 +89,17 @@ def _group_by_pid_cam(records: Iterable[ImageRecord]) -> dict[tuple[int, int], l
     return {key: sorted(group, key=lambda r: str(r.path)) for key, group in groups.items()}
 
 
-def _check_trials(trials: Sequence[int], valid: range, what: str) -> tuple[int, ...]:
-    trials = tuple(int(t) for t in trials)
+def _check_trials(trials: Sequence[int] | int | str, valid: range, what: str) -> tuple[int, ...]:
+    """``trials`` as a tuple of ints: a list, one integer (``trials=3``) or ``"1,3,5"``."""
+    try:
+        if isinstance(trials, str):
+            trials = tuple(int(t) for t in trials.split(",") if t.strip())
+        elif isinstance(trials, int):
+            trials = (trials,)
+        else:
+            trials = tuple(int(t) for t in trials)
+    except (TypeError, ValueError):
+        raise InputError(f"{what}: trials must be an integer or a list of integers, got {trials!r}") from None
     if not trials:
         raise InputError(f"{what}: no trials requested")
     bad = [t for t in trials if t not in valid]
@@ -247,6 +256,23 @@ def regdb_protocol(trial_tests: Sequence[Sequence[ImageRecord]], *, direction: s
         built.append(Trial(tuple(r for r in records if r.modality == query_modality),
                            tuple(r for r in records if r.modality != query_modality)))
     return Protocol("regdb", "regdb", {"direction": direction, "trials": list(trials)}, tuple(built))
+
+
+def regdb_trials_for_split(params: Mapping[str, Any], trained_split: int) -> tuple[dict[str, Any], str | None]:
+    """RegDB protocol parameters for a model trained on split ``trained_split``, and a warning.
+
+    Each RegDB split divides the 412 identities into training and test halves, so the test sets
+    of the other nine splits contain identities this model was trained on. Without ``trials`` the
+    protocol uses trial ``trained_split`` only; trials given explicitly are kept, with a warning
+    naming those that are not the training split.
+    """
+    if "trials" not in params:
+        return {**params, "trials": [trained_split]}, None
+    others = [t for t in _check_trials(params["trials"], range(1, 11), "RegDB protocol") if t != trained_split]
+    if not others:
+        return dict(params), None
+    return dict(params), (f"RegDB trial(s) {', '.join(map(str, others))} test identities this model trained on "
+                          f"(it was trained on split {trained_split}); their results are not test results")
 
 
 # --------------------------------------------------------------------------- LLCM

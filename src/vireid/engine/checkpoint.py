@@ -7,10 +7,13 @@ values only, so ``torch.load(path, weights_only=True)`` reads it:
 ``model``                the unwrapped model's ``state_dict``
 ``optimizer``            ``state_dict`` of the optimiser (``adversary_optimizer`` too
                          for min-max methods, ``grad_scaler`` for fp16)
-``scheduler``            ``state_dict`` of the per-step lr scheduler
 ``sampler``              ``{"epoch", "position", "seed"}``: the next batch to train on
-``rng``                  python / numpy / torch (and CUDA) generator states
-``progress``             ``{"epoch", "step_in_epoch", "global_step"}``
+``rng``                  python / numpy / torch generator states, and the CUDA generator of
+                         the saving process's device (restored on the current device only, so
+                         a run resumes on any number of GPUs)
+``progress``             ``{"epoch", "step_in_epoch", "global_step", "global_batches",
+                         "world_size"}`` (``step_in_epoch`` counts steps of ``world_size``
+                         processes; ``global_batches`` counts batches of all processes)
 ``config``               the ``TrainConfig`` as a plain dict
 ``num_classes``          classifier size (to rebuild the model)
 ``best`` / ``history``   best validation score so far and every validation result
@@ -56,8 +59,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path}: not a readable vireid checkpoint ({type(exc).__name__}: {exc})") from None
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """Generator states as tensors and plain values (loadable with ``weights_only``)."""
+def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Generator states as tensors and plain values (loadable with ``weights_only``); on a CUDA
+    ``device``, that device's generator (not every visible GPU's: the number may differ on resume)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
@@ -65,19 +69,44 @@ def capture_rng_state() -> dict[str, Any]:
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore :func:`capture_rng_state`'s states; the CUDA state goes to ``device`` (if CUDA)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per visible GPU
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """The checkpoint file ``path`` names and a one-line description of it.
+
+    A run folder gives its validation-selected ``best.pt`` when the run kept one, else ``last.pt``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        best, last = path / CHECKPOINT_DIR / BEST, path / CHECKPOINT_DIR / LAST
+        path = best if best.is_file() else last
+    ckpt = load_checkpoint(path)
+    progress = ckpt.get("progress", {})
+    where = f"epoch {progress.get('epoch', '?')}, step {progress.get('global_step', '?')}"
+    best_entry = ckpt.get("best")
+    if path.name == BEST and best_entry:
+        metric = str(ckpt.get("config", {}).get("eval", {}).get("metric", "mAP"))
+        score = best_entry.get(metric)
+        scored = f", validation {metric} {100 * score:.2f}%" if isinstance(score, float) else ""
+        return path, f"{path} (selected on the validation identities: {where}{scored})"
+    return path, f"{path} ({where}; {'last' if path.name == LAST else 'given'} checkpoint)"
 
 
 def load_checkpoint_model(path: str | Path) -> tuple[ReIDModel, Any]:

@@ -14,11 +14,14 @@ from vireid.models.registry import ModelConfig
 
 @dataclass
 class DataConfig:
-    """Where the training images come from and how the validation split is carved.
+    """Where the training images come from, how they are loaded, and the optional validation split.
 
-    ``val_ids`` training identities (chosen with ``val_seed``) are held out of training and
-    used for periodic evaluation: their infrared images query their visible images
+    ``val_ids`` (default 0: train on every training identity, as the papers do) training
+    identities, chosen with ``val_seed``, are held out of training and used for periodic
+    evaluation and checkpoint selection: their infrared images query their visible images
     (``val_mode: ir_to_vis``) or the reverse. The test set is never touched during training.
+    ``num_workers`` loader processes decode and augment images for training, validation and
+    extraction; they persist across epochs.
     """
 
     dataset: str = "sysu"
@@ -94,7 +97,14 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    """A whole training run."""
+    """A whole training run.
+
+    ``amp``: ``auto`` is bf16 autocast on a GPU that supports it, fp16 with gradient scaling on
+    one that does not, and float32 on the CPU. ``compile``: ``torch.compile`` the model's forward
+    pass. ``sync_bn``: synchronise BatchNorm statistics across processes (GPU only; off by default,
+    since each process's batch already has the paper's composition). ``deterministic``:
+    deterministic GPU kernels (slower; bit-exact resume on GPUs), otherwise cuDNN autotuning.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -104,7 +114,10 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     epochs: int = 80
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    sync_bn: bool = False
+    deterministic: bool = False
     device: str = "auto"
     threads: int | None = None
     seed: int = 0

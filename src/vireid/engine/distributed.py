@@ -1,17 +1,27 @@
 """Distributed data parallel set-up from ``torchrun`` environment variables (torchvision style).
 
 ``torchrun --nproc_per_node=N -m vireid train ...`` sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK``; without them training runs in one process. The backend is NCCL on CUDA
-devices and gloo otherwise (CPU).
+``LOCAL_RANK``; without them training runs in one process. On CUDA every process first makes
+``cuda:LOCAL_RANK`` its current device, then joins an NCCL process group bound to that device
+(``init_process_group(device_id=...)``); on the CPU the backend is gloo. Every collective of the
+engine goes through this module and takes tensors on the training device (NCCL accepts only
+CUDA tensors): log reductions, the finiteness flag, the adversary's gradients, broadcast objects.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
+from vireid.errors import InputError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,11 +46,17 @@ def dist_info_from_env() -> DistInfo:
 
 
 def init_distributed(info: DistInfo, device: torch.device) -> None:
-    """Join the process group (``env://``) when launched by torchrun with more than one process."""
+    """Make ``device`` the current CUDA device, then join the process group (``env://``) when
+    launched by torchrun with more than one process."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not info.enabled or dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, init_method="env://", rank=info.rank, world_size=info.world_size)
+    if device.type == "cuda":
+        dist.init_process_group(backend="nccl", init_method="env://", rank=info.rank, world_size=info.world_size,
+                                device_id=device)
+    else:
+        dist.init_process_group(backend="gloo", init_method="env://", rank=info.rank, world_size=info.world_size)
 
 
 def shutdown_distributed() -> None:
@@ -53,20 +69,60 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """Average scalar logs over ranks (identity in a single process)."""
-    if not info.enabled or not values:
-        return values
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return {k: float(v) / info.world_size for k, v in zip(keys, tensor.tolist())}
+def sum_across_ranks(values: Tensor, info: DistInfo) -> Tensor:
+    """Element-wise sum over ranks of a tensor on the training device (itself in one process)."""
+    if info.enabled:
+        dist.all_reduce(values)
+    return values
 
 
-def broadcast_object(obj: object, info: DistInfo) -> object:
-    """Rank 0's ``obj`` on every rank."""
+def all_ranks_succeeded(ok: bool, info: DistInfo, device: torch.device) -> bool:
+    """True when ``ok`` is true on every rank (so that one rank's failure stops all of them)."""
+    if not info.enabled:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag)
+    return bool(flag.item() == 0.0)
+
+
+def average_gradients(params: Sequence[Tensor], info: DistInfo) -> None:
+    """Average the gradients of ``params`` over ranks in one flat all-reduce (parameters that DDP
+    does not manage, such as a min-max method's adversary)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not info.enabled or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def broadcast_object(obj: T, info: DistInfo, device: torch.device) -> T:
+    """Rank 0's ``obj`` on every rank (pickled through a tensor on ``device``)."""
     if not info.enabled:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, device=device)
     return box[0]
+
+
+def local_leader_first(fn: Callable[[bool], T], info: DistInfo, device: torch.device) -> T:
+    """``fn(leader)`` on local rank 0 of every machine first (``leader`` true: it may download),
+    then on the other processes (which find what it fetched). An :class:`InputError` on any rank
+    is raised on every rank, so no process is left waiting for one that failed."""
+    result: T | None = None
+    error: InputError | None = None
+    for leader_turn in (True, False):
+        if (info.local_rank == 0) == leader_turn:
+            try:
+                result = fn(leader_turn)
+            except InputError as exc:
+                error = exc
+        if not all_ranks_succeeded(error is None, info, device):
+            if error is not None:
+                raise error
+            raise InputError("another process failed (see its error above)")
+    return result  # type: ignore[return-value]

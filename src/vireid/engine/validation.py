@@ -34,7 +34,7 @@ def split_validation_identities(records: Sequence[ImageRecord], num_ids: int, se
 
 def validation_metrics(model: ReIDModel, records: Sequence[ImageRecord], cfg: TransformConfig, *,
                        mode: str = "ir_to_vis", device: torch.device | str = "cpu", batch_size: int = 64,
-                       channels_last: bool = False) -> dict[str, float]:
+                       channels_last: bool = False, num_workers: int = 0) -> dict[str, float]:
     """rank-1 / rank-5 / mAP / mINP (fractions) of one modality querying the other.
 
     Plain distance (negative inner product of L2-normalised features), image-level CMC, no
@@ -45,8 +45,9 @@ def validation_metrics(model: ReIDModel, records: Sequence[ImageRecord], cfg: Tr
     gallery = [r for r in records if r.modality != query_modality]
     if not query or not gallery:
         raise InputError("validation split has no query or no gallery images")
-    q = extract_features(model, query, cfg, device=device, batch_size=batch_size, channels_last=channels_last)["feat"]
-    g = extract_features(model, gallery, cfg, device=device, batch_size=batch_size, channels_last=channels_last)["feat"]
+    options = {"device": device, "batch_size": batch_size, "channels_last": channels_last, "num_workers": num_workers}
+    q = extract_features(model, query, cfg, **options)["feat"]
+    g = extract_features(model, gallery, cfg, **options)["feat"]
     q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
     result = evaluate_distance(

@@ -35,6 +35,7 @@ from vireid.models.backbone import TwoStreamBackbone
 from vireid.models.base import ReIDModel
 from vireid.models.heads import l2_normalize
 from vireid.models.registry import ModelConfig, register_method
+from vireid.models.routing import route
 
 #: SAAI's test-time re-ranking: AIM, with the re-ranking presets named after the protocols
 #: (SYSU all single-shot k1/k2 = 4/1, multi-shot 20/6, indoor single-shot 2/2, RegDB 8/2).
@@ -118,11 +119,7 @@ class DualBNNeck(nn.Module):
             bn.bias.requires_grad_(False)
 
     def forward(self, feat: Tensor, modality: Tensor) -> Tensor:
-        out = feat.new_empty(feat.shape)
-        for m in torch.unique(modality).tolist():
-            idx = torch.nonzero(modality == m, as_tuple=False).squeeze(1)
-            out = out.index_copy(0, idx, self.norms[int(m)](feat.index_select(0, idx)))
-        return out
+        return route(self.norms, feat, modality)
 
 
 class SAAIModel(ReIDModel):

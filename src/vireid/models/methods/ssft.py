@@ -53,6 +53,7 @@ from vireid.models.base import ReIDModel
 from vireid.models.heads import BNNeck, l2_normalize, make_pool
 from vireid.models.methods.ssft_transfer import SharedSpecificTransfer
 from vireid.models.registry import ModelConfig, register_method
+from vireid.models.routing import route
 
 TestMode = Literal["all", "single", "shared"]
 TEST_MODES: tuple[str, ...] = ("all", "single", "shared")
@@ -105,21 +106,7 @@ class SSFTParams:
 
 def route_by_modality(modules: Sequence[nn.Module], inputs: Tensor, modality: Tensor) -> Any:
     """Apply ``modules[m]`` to the rows of modality m; outputs (a tensor or a tuple) in input order."""
-    present = torch.unique(modality).tolist()
-    if len(present) == 1:
-        return modules[int(present[0])](inputs)
-    merged: list[Tensor] | None = None
-    single = False
-    for m in present:
-        idx = torch.nonzero(modality == m, as_tuple=False).squeeze(1)
-        out = modules[int(m)](inputs.index_select(0, idx))
-        single = isinstance(out, Tensor)
-        parts = (out,) if single else tuple(out)
-        if merged is None:
-            merged = [p.new_empty((inputs.shape[0], *p.shape[1:])) for p in parts]
-        merged = [full.index_copy(0, idx, part) for full, part in zip(merged, parts)]
-    assert merged is not None
-    return merged[0] if single else tuple(merged)
+    return route(modules, inputs, modality)
 
 
 class SharedSpecificBackbone(nn.Module):
