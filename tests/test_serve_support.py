@@ -55,10 +55,16 @@ def write_gallery(folder: Path, pids: range, per_pid: int, start_variant: int = 
     return paths
 
 
+#: Re-ranking neighbourhoods sized for a gallery of 3 images per person (the papers' suit thousands).
+SMALL_GALLERY_PARAMS = {"aim": {"k1": 4, "k2": 2}, "sgr": {"k_graph": 4, "K": 3}, "mnnr": {"kq": 3, "kg": 3},
+                        "sim": {"k_graph": 4, "K": 3, "kq": 3, "kg": 3}, "krr": {"k1": 3, "k2": 2}}
+
+
 def build_image_index(folder: Path, pids: range = range(1, 9), per_pid: int = 3) -> Path:
     """An index of synthetic gallery images encoded by an exported tiny model; returns its folder."""
     from vireid.data.records import Modality
     from vireid.engine.checkpoint import load_checkpoint_model
+    from vireid.retrieval.single import SingleQueryParams
     from vireid.serve.encoder import export_onnx, load_encoder, transform_summary
     from vireid.serve.enrol import encode_sources
     from vireid.serve.index import IndexSettings, build_index, store_model
@@ -72,7 +78,8 @@ def build_image_index(folder: Path, pids: range = range(1, 9), per_pid: int = 3)
     feats, images = encode_sources(encoder, gallery_sources(folder / "gallery", Modality.VISIBLE))
     index = folder / "index"
     model_entry = store_model(index, onnx, {"kind": "onnx", "transform": transform_summary(encoder.transform)})
-    build_index(index, feats, images, settings=IndexSettings(), model=model_entry)
+    settings = IndexSettings(rerank=SingleQueryParams.resolve(params=SMALL_GALLERY_PARAMS))
+    build_index(index, feats, images, settings=settings, model=model_entry)
     return index
 
 

@@ -1,0 +1,894 @@
+"""Single-query re-ranking against a precomputed gallery that grows by enrolment.
+
+The batch re-rankers (:mod:`~vireid.retrieval.aim`, :mod:`~vireid.retrieval.sim`,
+:mod:`~vireid.retrieval.kreciprocal`) see a whole query set. A search service sees one query at
+a time against a gallery known in advance. Everything that depends on the gallery alone is held
+by a :class:`GalleryState`:
+
+* the gallery's top-K neighbour graph (self at column 0, similarity 1);
+* AIM's expanded gallery affinities ``G'`` (SAAI Eq. 7: the mean of the top-k1 affinity rows of
+  each item's k2 nearest, L2-normalised);
+* the k-reciprocal gallery vectors of SIM's MNNR and of k-reciprocal re-ranking (Zhong et al.
+  Eq. 4–7: expanded sets, ``exp(−d)`` weights), their round(k/2)-reciprocal sets and the local
+  query expansion of the k-reciprocal vectors (Eq. 11).
+
+One query then costs the similarity pass over the gallery (done by the caller) plus O(G·k)
+vector work (:func:`query_distance`); no G×G matrix is ever formed. Parameters have the names,
+defaults and presets of :mod:`~vireid.retrieval.presets` (:class:`SingleQueryParams`), and every
+method computes its ``paper`` variant: a row equals the batch function's row with
+``variant="paper"`` on the same gallery (``tests/test_single_query.py``). For AIM the paper and
+reference variants differ only when similarities tie at the k1-th value; k-reciprocal re-ranking's
+reference pools all queries together, which one query cannot.
+
+Enrolment (:meth:`GalleryState.extend`) appends items without rebuilding: the new items' lists
+come from one exact pass over the gallery, the old items whose lists they enter are merged, and
+only the rows of each structure that can depend on a changed list are recomputed — found through
+a reverse index of the graph and kept only where they really changed (:class:`StateDelta`).
+Changed rows live in an overlay over an immutable base (:class:`GraphStore`, :class:`RowStore`),
+so a new state shares the base with the old one and costs memory and time in proportion to what
+changed; :meth:`GalleryState.compacted` folds the overlay into a new base.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from vireid.errors import InputError
+from vireid.retrieval.exact import NORM_EPS, pair_similarity
+from vireid.retrieval.graph import NeighbourGraph, build_graph, expanded_k_reciprocal_sets, reciprocal_mask
+from vireid.retrieval.knn import NeighbourIndex
+from vireid.retrieval.kreciprocal import _probe_vectors, blend_jaccard, gaussian_vectors, local_expansion, shared_mass
+from vireid.retrieval.presets import PRESETS, get_method, resolve_params
+from vireid.retrieval.sim import _mean_of_shortest_paths
+
+#: Methods one query can be re-ranked with; ``plain`` needs no gallery structure.
+SINGLE_QUERY_METHODS = ("plain", "aim", "sgr", "mnnr", "sim", "krr")
+_RERANKERS = SINGLE_QUERY_METHODS[1:]
+VARIANT = "paper"
+#: Above this many new items per old item an extension recomputes every structure row.
+_FULL_RECOMPUTE_FRACTION = 0.125
+_SERIAL = types.SimpleNamespace(map=map)  # the "pool" of sim._mean_of_shortest_paths, run in this thread
+
+
+def _half(k: int) -> int:
+    """round(k/2) as Zhong et al.'s code rounds it."""
+    return int(np.around(k / 2.0))
+
+
+# ----------------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class SingleQueryParams:
+    """Resolved parameters of every method (names and defaults of :mod:`~vireid.retrieval.presets`)."""
+
+    aim: Mapping[str, int | float]
+    sgr: Mapping[str, int | float]
+    mnnr: Mapping[str, int | float]
+    sim: Mapping[str, int | float]
+    krr: Mapping[str, int | float]
+    preset: str | None = None
+
+    @classmethod
+    def resolve(cls, preset: str | None = None,
+                params: Mapping[str, Mapping[str, object]] | None = None) -> SingleQueryParams:
+        """Defaults, then ``preset`` (``sysu``, ``sysu-multishot``, ``sysu-indoor``, ``regdb``), then
+        ``params`` (``{"aim": {"k1": 20}}``), validated as the batch re-rankers validate them."""
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(_RERANKERS))
+        if unknown:
+            raise InputError(f"unknown re-ranking method(s) {', '.join(map(repr, unknown))} "
+                             f"(choose from {', '.join(_RERANKERS)})")
+        if preset is not None and preset not in PRESETS:
+            raise InputError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+        values = {m: dict(resolve_params(get_method(m), params.get(m), preset)) for m in _RERANKERS}
+        return cls(**values, preset=preset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"preset": self.preset, "variant": VARIANT, "params": {m: dict(self.method(m)) for m in _RERANKERS}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str) -> SingleQueryParams:
+        try:
+            return cls.resolve(data.get("preset"), data["params"])
+        except (KeyError, TypeError, AttributeError):
+            raise InputError(f"{source}: malformed re-ranking settings") from None
+
+    def method(self, name: str) -> Mapping[str, int | float]:
+        return getattr(self, name)
+
+    def effective(self, n: int) -> SingleQueryParams:
+        """The parameters a gallery of ``n`` items can hold: every neighbourhood size clamped to
+        the gallery (the batch functions refuse such sizes; a growing gallery starts small)."""
+        aim_k1 = min(int(self.aim["k1"]), n)
+        sgr_graph, sim_graph = min(int(self.sgr["k_graph"]), n), min(int(self.sim["k_graph"]), n)
+        krr_k1 = min(int(self.krr["k1"]), n - 1)
+        return SingleQueryParams(
+            aim={"k1": aim_k1, "k2": min(int(self.aim["k2"]), aim_k1)},
+            sgr={**self.sgr, "k_graph": sgr_graph, "K": min(int(self.sgr["K"]), sgr_graph)},
+            mnnr={**self.mnnr, "kq": min(int(self.mnnr["kq"]), n), "kg": min(int(self.mnnr["kg"]), n - 1)},
+            sim={**self.sim, "k_graph": sim_graph, "K": min(int(self.sim["K"]), sim_graph),
+                 "kq": min(int(self.sim["kq"]), n), "kg": min(int(self.sim["kg"]), n - 1)},
+            krr={**self.krr, "k1": krr_k1, "k2": min(int(self.krr["k2"]), krr_k1 + 1)},
+            preset=self.preset,
+        )
+
+    def reciprocal_ks(self) -> tuple[int, ...]:
+        """The k of every k-reciprocal vector set the methods use (MNNR's kg, krr's k1)."""
+        return tuple(sorted({int(self.mnnr["kg"]), int(self.sim["kg"]), int(self.krr["k1"])}))
+
+    def graph_k(self) -> int:
+        """Neighbours (self included) every gallery list must hold."""
+        ks = self.reciprocal_ks()
+        return max(int(self.aim["k1"]), int(self.aim["k2"]), int(self.sgr["k_graph"]), int(self.sim["k_graph"]),
+                   max(ks) + 1, int(self.krr["k2"]), 1)
+
+
+# ----------------------------------------------------------------------------------- stores
+
+
+class _RowsView:
+    """``view[rows, columns]`` of a graph array with an overlay: what :mod:`~vireid.retrieval.graph`'s
+    row functions read (``rows`` any integer array, ``columns`` a slice)."""
+
+    def __init__(self, base: np.ndarray, overlay: np.ndarray, position: np.ndarray) -> None:
+        self.base, self.overlay, self.position = base, overlay, position
+
+    def __getitem__(self, key: tuple[Any, slice]) -> np.ndarray:
+        rows, columns = key
+        if isinstance(rows, slice):
+            rows = np.arange(len(self.position))[rows]
+        rows = np.asarray(rows)
+        flat = rows.ravel()
+        width = len(range(*columns.indices(self.base.shape[1] if len(self.base) else self.overlay.shape[1])))
+        out = np.empty((len(flat), width), dtype=self.overlay.dtype if len(self.overlay) else self.base.dtype)
+        pos = self.position[flat]
+        from_overlay = pos >= 0
+        if len(self.base):
+            out[~from_overlay] = self.base[flat[~from_overlay], columns]
+        out[from_overlay] = self.overlay[pos[from_overlay], columns]
+        return out.reshape(rows.shape + (width,))
+
+
+class _GraphBase:
+    """An immutable top-K graph of the first ``n`` items, with its reverse index built on first use."""
+
+    def __init__(self, index: np.ndarray, sim: np.ndarray) -> None:
+        self.index = np.ascontiguousarray(index, dtype=np.int64)
+        self.sim = np.ascontiguousarray(sim, dtype=np.float32)
+        self._reverse: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._edges: dict[tuple[float, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def n(self) -> int:
+        return int(self.index.shape[0])
+
+    def reverse(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indptr, source rows, column positions): for item j, the rows listing it and where."""
+        if self._reverse is None:
+            n, k = self.index.shape
+            flat = self.index.ravel()
+            order = np.argsort(flat, kind="stable")
+            indptr = np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=n))])
+            self._reverse = (indptr, order // k, order % k)
+        return self._reverse
+
+    def sgr_edges(self, lam: float, k_graph: int) -> tuple[np.ndarray, np.ndarray]:
+        """(contiguous neighbour lists, edges) of SGR for ``k_graph`` and ``λ``, cached."""
+        key = (float(lam), int(k_graph))
+        if key not in self._edges:
+            self._edges[key] = (np.ascontiguousarray(self.index[:, :k_graph]), _sgr_edges(self.sim[:, :k_graph], lam))
+        return self._edges[key]
+
+
+def _sgr_edges(sim: np.ndarray, lam: float) -> np.ndarray:
+    """``λ·d(g_n, g_j)`` of SIM Eq. 4 for each listed neighbour (the direct edge, n = j, costs 0)."""
+    edge = lam * np.sqrt(np.maximum(2.0 - 2.0 * sim.astype(np.float64), 0.0))
+    edge[:, 0] = 0.0
+    return edge
+
+
+class GraphStore:
+    """The gallery's top-K lists: an immutable base of the first items and an overlay of the lists
+    that enrolments changed or added (sorted ``ids``)."""
+
+    def __init__(self, base: _GraphBase, n: int, ids: np.ndarray | None = None, index: np.ndarray | None = None,
+                 sim: np.ndarray | None = None) -> None:
+        k = base.index.shape[1] if base.n else (index.shape[1] if index is not None else 0)
+        self.base, self.n, self.k = base, n, k
+        self.ids = np.empty(0, np.int64) if ids is None else ids
+        self.overlay_index = np.empty((0, k), np.int64) if index is None else index
+        self.overlay_sim = np.empty((0, k), np.float32) if sim is None else sim
+        self.position = np.full(n, -1, dtype=np.int64)
+        self.position[self.ids] = np.arange(len(self.ids))
+        self.index = _RowsView(base.index, self.overlay_index, self.position)
+        self.sim = _RowsView(base.sim, self.overlay_sim, self.position)
+        self._columns: dict[int, np.ndarray] = {}
+
+    def as_graph(self) -> NeighbourGraph:
+        """This store read through :mod:`~vireid.retrieval.graph`'s ``graph.index[rows, :k]``."""
+        return self  # type: ignore[return-value]  # same attributes: index, n, k
+
+    def column(self, c: int) -> np.ndarray:
+        """(n,) similarity of every item's list entry ``c``."""
+        if c not in self._columns:
+            out = np.empty(self.n, np.float32)
+            out[: self.base.n] = self.base.sim[:, c]
+            out[self.ids] = self.overlay_sim[:, c]
+            self._columns[c] = out
+        return self._columns[c]
+
+    def radius(self, c: int) -> np.ndarray:
+        """(n,) Euclidean distance of each item to its list entry ``c`` (its c-th other neighbour)."""
+        return np.sqrt(np.maximum(2.0 - 2.0 * self.column(c), 0.0), dtype=np.float32)
+
+    def referencing(self, items: np.ndarray, m: int) -> np.ndarray:
+        """Sorted rows whose first ``m`` list entries contain one of ``items``."""
+        items = np.unique(np.asarray(items, dtype=np.int64))
+        found = []
+        in_base = items[items < self.base.n]
+        if len(in_base):
+            indptr, source, column = self.base.reverse()
+            take = _ranges(indptr[in_base], indptr[in_base + 1] - indptr[in_base])
+            rows = source[take][column[take] < m]
+            found.append(rows[self.position[rows] < 0])  # overlaid rows are looked at below
+        if len(self.ids):
+            wanted = np.zeros(self.n, dtype=bool)
+            wanted[items] = True
+            found.append(self.ids[wanted[self.overlay_index[:, :m]].any(axis=1)])
+        return np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
+
+    def sgr_parts(self, lam: float, k_graph: int) -> list[tuple[np.ndarray | None, np.ndarray, np.ndarray]]:
+        """(rows written or None for the base's 0..n_base-1, neighbour lists, edges) for SGR."""
+        parts: list[tuple[np.ndarray | None, np.ndarray, np.ndarray]] = []
+        if self.base.n:
+            parts.append((None, *self.base.sgr_edges(lam, k_graph)))
+        if len(self.ids):
+            parts.append((self.ids, np.ascontiguousarray(self.overlay_index[:, :k_graph]),
+                          _sgr_edges(self.overlay_sim[:, :k_graph], lam)))
+        return parts
+
+    def with_rows(self, ids: np.ndarray, index: np.ndarray, sim: np.ndarray, n: int) -> GraphStore:
+        """A new store of ``n`` items where rows ``ids`` hold the given lists."""
+        merged_ids, order, keep = _merge_ids(self.ids, ids)
+        merged_index = np.concatenate([self.overlay_index[keep], index])[order]
+        merged_sim = np.concatenate([self.overlay_sim[keep], sim])[order]
+        return GraphStore(self.base, n, merged_ids, merged_index, merged_sim)
+
+    def dense(self) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.arange(self.n)
+        return self.index[rows, :], self.sim[rows, :]
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(start, start + length)`` for each pair."""
+    offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + offsets
+
+
+def _merge_ids(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Overlay ids after replacing/adding ``new``: (sorted ids, order of [old kept; new], kept old mask)."""
+    keep = ~np.isin(old, new)
+    ids = np.concatenate([old[keep], new])
+    order = np.argsort(ids, kind="stable")
+    return ids[order], order, keep
+
+
+class _SparseBase:
+    """An immutable sparse matrix of the first items' rows (CSR), its columns (CSC) and row sums."""
+
+    def __init__(self, csr: sp.csr_matrix) -> None:
+        self.csr = csr
+        self._csc: sp.csc_matrix | None = None
+        self._sums: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.csr.shape[0])
+
+    def csc(self) -> sp.csc_matrix:
+        if self._csc is None:
+            self._csc = self.csr.tocsc()
+            self._csc.sort_indices()
+        return self._csc
+
+    def sums(self) -> np.ndarray:
+        if self._sums is None:
+            self._sums = np.asarray(self.csr.sum(axis=1), dtype=np.float64).ravel()
+        return self._sums
+
+
+class RowStore:
+    """Rows of a sparse n×n structure: an immutable base and an overlay of replaced or added rows.
+
+    ``store[rows]`` gives rows as CSR; :meth:`column_entries` and :meth:`shared_mass` read columns
+    (an inverted index: the base's CSC, the overlay's own, overlaid base rows skipped).
+    """
+
+    def __init__(self, base: _SparseBase, n: int, ids: np.ndarray | None = None,
+                 rows: sp.csr_matrix | None = None) -> None:
+        self.base, self.n = base, n
+        self.ids = np.empty(0, np.int64) if ids is None else ids
+        self.overlay = sp.csr_matrix((len(self.ids), n), dtype=np.float32) if rows is None else _resized(rows, n)
+        self.position = np.full(n, -1, dtype=np.int64)
+        self.position[self.ids] = np.arange(len(self.ids))
+        self._overlay_csc: sp.csc_matrix | None = None
+        self._base_csc: sp.csc_matrix | None = None
+        self._sums: np.ndarray | None = None
+
+    def __getitem__(self, rows: np.ndarray) -> sp.csr_matrix:
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        pos = self.position[rows]
+        from_overlay = pos >= 0
+        if not from_overlay.any():
+            return _resized(self.base.csr[rows], self.n)
+        parts = [_resized(self.base.csr[rows[~from_overlay]], self.n), self.overlay[pos[from_overlay]]]
+        stacked = sp.vstack(parts, format="csr")
+        order = np.argsort(np.concatenate([np.flatnonzero(~from_overlay), np.flatnonzero(from_overlay)]), kind="stable")
+        return stacked[order]
+
+    def _columns(self) -> tuple[sp.csc_matrix, sp.csc_matrix]:
+        """(base columns padded to n, overlay columns with gallery row ids)."""
+        if self._base_csc is None:
+            csc = self.base.csc()
+            indptr = np.concatenate([csc.indptr, np.full(self.n - self.base.n, csc.indptr[-1], csc.indptr.dtype)])
+            self._base_csc = sp.csc_matrix((csc.data, csc.indices, indptr), shape=(self.n, self.n))
+        if self._overlay_csc is None:
+            coo = self.overlay.tocoo()
+            self._overlay_csc = sp.csc_matrix((coo.data, (self.ids[coo.row], coo.col)), shape=(self.n, self.n))
+            self._overlay_csc.sort_indices()
+        return self._base_csc, self._overlay_csc
+
+    def column_entries(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows, values and the position in ``cols`` of every stored entry of columns ``cols``."""
+        rows, values, which = [], [], []
+        for part, skip_overlaid in zip(self._columns(), (True, False)):
+            lengths = part.indptr[cols + 1] - part.indptr[cols]
+            take = _ranges(part.indptr[cols], lengths)
+            r, v, w = part.indices[take], part.data[take], np.repeat(np.arange(len(cols)), lengths)
+            if skip_overlaid and len(self.ids):
+                live = self.position[r] < 0
+                r, v, w = r[live], v[live], w[live]
+            rows.append(r)
+            values.append(v)
+            which.append(w)
+        return np.concatenate(rows), np.concatenate(values), np.concatenate(which)
+
+    def shared_mass(self, left: sp.csr_matrix) -> sp.csr_matrix:
+        """:func:`~vireid.retrieval.kreciprocal.shared_mass` of ``left`` against every row."""
+        base_columns, overlay_columns = self._columns()
+        mass = shared_mass(left, base_columns)
+        if len(self.ids):
+            mass.data[self.position[mass.indices] >= 0] = 0.0
+            mass = mass + shared_mass(left, overlay_columns)
+            mass.eliminate_zeros()
+        return mass.tocsr()
+
+    def sums(self) -> np.ndarray:
+        """(n,) row sums."""
+        if self._sums is None:
+            out = np.zeros(self.n, np.float64)
+            out[: self.base.n] = self.base.sums()
+            out[self.ids] = np.asarray(self.overlay.sum(axis=1), dtype=np.float64).ravel()
+            self._sums = out
+        return self._sums
+
+    def with_rows(self, ids: np.ndarray, rows: sp.csr_matrix, n: int) -> RowStore:
+        merged_ids, order, keep = _merge_ids(self.ids, ids)
+        stacked = sp.vstack([_resized(self.overlay[np.flatnonzero(keep)], n), _resized(rows, n)], format="csr")
+        return RowStore(self.base, n, merged_ids, stacked[order])
+
+    def dense_csr(self) -> sp.csr_matrix:
+        """Every row as one CSR matrix (for a new base)."""
+        return self[np.arange(self.n)]
+
+
+def _resized(matrix: sp.csr_matrix, n: int) -> sp.csr_matrix:
+    """The same rows with ``n`` columns (no entry lies beyond)."""
+    matrix = matrix.tocsr()
+    return sp.csr_matrix((matrix.data, matrix.indices, matrix.indptr), shape=(matrix.shape[0], n))
+
+
+# ----------------------------------------------------------------------------------- rows of each structure
+
+
+def _aim_rows(graph: GraphStore, ids: np.ndarray, k1: int, k2: int) -> sp.csr_matrix:
+    """SAAI Eq. 6–7 for rows ``ids``: ``normalize(mean_{n ∈ N(i, k2)} S_n)``, S_n the top-k1 row of n."""
+    nearest = graph.index[ids, :k2].ravel()
+    cols = graph.index[nearest, :k1].ravel()
+    vals = graph.sim[nearest, :k1].ravel().astype(np.float64) / k2
+    rows = np.repeat(np.arange(len(ids)), k2 * k1)
+    matrix = sp.csr_matrix((vals, (rows, cols)), shape=(len(ids), graph.n))
+    matrix.sum_duplicates()
+    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
+    matrix = sp.csr_matrix(sp.diags(1.0 / np.maximum(norms, NORM_EPS)) @ matrix, dtype=np.float32)
+    matrix.sort_indices()
+    return matrix
+
+
+def _half_rows(graph: GraphStore, ids: np.ndarray, half: int) -> sp.csr_matrix:
+    """The plain ``half``-reciprocal sets R(i, half) of rows ``ids`` (pattern, values 1)."""
+    mask = reciprocal_mask(graph.as_graph(), half, rows=ids)
+    forward = graph.index[ids, : half + 1]
+    rows, _ = np.nonzero(mask)
+    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, forward[mask])), shape=(len(ids), graph.n))
+    matrix.sort_indices()
+    return matrix
+
+
+def _reciprocal_rows(feats: np.ndarray, graph: GraphStore, ids: np.ndarray, k: int) -> sp.csr_matrix:
+    """Zhong et al. Eq. 4–7 (paper): ``exp(−‖g_i − g_j‖)`` over the expanded k-reciprocal set of i."""
+    pattern = expanded_k_reciprocal_sets(graph.as_graph(), k, rows=ids)
+    rows = np.repeat(ids, np.diff(pattern.indptr))
+    sim = pair_similarity(feats, feats, rows, pattern.indices)
+    dist = np.sqrt(np.maximum(2.0 - 2.0 * sim, 0.0), dtype=np.float32)
+    dist[rows == pattern.indices] = 0.0
+    return gaussian_vectors(pattern, dist, normalize=False)
+
+
+def _expanded_rows(vectors: RowStore, graph: GraphStore, ids: np.ndarray, k2: int) -> sp.csr_matrix:
+    """Zhong et al. Eq. 11 for rows ``ids``: the mean of the vectors of their k2 nearest (self included)."""
+    nearest = graph.index[ids, :k2]
+    return local_expansion(vectors[nearest.ravel()], np.arange(nearest.size).reshape(nearest.shape))
+
+
+def _same_rows(a: sp.csr_matrix, b: sp.csr_matrix) -> np.ndarray:
+    """(rows,) bool: row i of ``a`` has exactly the column pattern of row i of ``b``."""
+    a.sort_indices()
+    b.sort_indices()
+    out = np.diff(a.indptr) == np.diff(b.indptr)
+    for i in np.flatnonzero(out):
+        out[i] = np.array_equal(a.indices[a.indptr[i]:a.indptr[i + 1]], b.indices[b.indptr[i]:b.indptr[i + 1]])
+    return out
+
+
+# ----------------------------------------------------------------------------------- the state
+
+
+@dataclass
+class StateDelta:
+    """What one extension changed: the gallery grew from ``n_old`` to ``n`` items; the listed rows
+    of the graph and of each structure hold their new values."""
+
+    n_old: int
+    n: int
+    graph_ids: np.ndarray
+    graph_index: np.ndarray
+    graph_sim: np.ndarray
+    rows: dict[str, tuple[np.ndarray, sp.csr_matrix]]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"n_old": np.int64(self.n_old), "n": np.int64(self.n), "graph_ids": self.graph_ids,
+               "graph_index": self.graph_index, "graph_sim": self.graph_sim}
+        for key, (ids, matrix) in self.rows.items():
+            out.update({f"{key}.ids": ids, f"{key}.indptr": matrix.indptr, f"{key}.indices": matrix.indices,
+                        f"{key}.data": matrix.data})
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> StateDelta:
+        n = int(arrays["n"])
+        keys = sorted({name.rsplit(".", 1)[0] for name in arrays if name.endswith(".ids")})
+        rows = {}
+        for key in keys:
+            ids = np.asarray(arrays[f"{key}.ids"], dtype=np.int64)
+            rows[key] = (ids, sp.csr_matrix((arrays[f"{key}.data"], arrays[f"{key}.indices"], arrays[f"{key}.indptr"]),
+                                            shape=(len(ids), n)))
+        return cls(int(arrays["n_old"]), n, np.asarray(arrays["graph_ids"], np.int64), arrays["graph_index"],
+                   arrays["graph_sim"], rows)
+
+    def changed_rows(self) -> int:
+        return int(len(self.graph_ids) + sum(len(ids) for ids, _ in self.rows.values()))
+
+
+class GalleryState:
+    """Everything single-query re-ranking needs besides the features, for a gallery of ``n`` items."""
+
+    def __init__(self, params: SingleQueryParams, n: int, graph: GraphStore, stores: dict[str, RowStore]) -> None:
+        self.params = params
+        self.n = n
+        self.effective = params.effective(n)
+        self.graph = graph
+        self.stores = stores
+
+    # construction -----------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, feats: np.ndarray, params: SingleQueryParams, *, knn: str = "auto", seed: int = 0) -> GalleryState:
+        """From unit-row features: the top-K graph (exact up to 50,000 items, faiss IVF beyond,
+        :mod:`~vireid.retrieval.knn`), then every structure row."""
+        n = len(feats)
+        if n == 0:
+            raise InputError("a gallery needs at least one item")
+        k = params.effective(n).graph_k()
+        graph = build_graph(NeighbourIndex(np.ascontiguousarray(feats, np.float32), knn, seed=seed), k)
+        return cls.from_graph(feats, params, graph.index, graph.sim)
+
+    @classmethod
+    def from_graph(cls, feats: np.ndarray, params: SingleQueryParams, index: np.ndarray, sim: np.ndarray) -> GalleryState:
+        """Every structure row derived from a complete graph (a base without overlay)."""
+        n = len(feats)
+        graph = GraphStore(_GraphBase(index, sim), n)
+        state = cls(params, n, graph, {})
+        everything = np.arange(n)
+        stores: dict[str, RowStore] = {}
+        for key, matrix in state._compute_rows(feats, everything, stores).items():
+            stores[key] = RowStore(_SparseBase(matrix), n)
+        state.stores = stores
+        return state
+
+    def _keys(self) -> list[str]:
+        eff = self.effective
+        keys = ["aim"] + [f"half{_half(k)}" for k in eff.reciprocal_ks()] + [f"recip{k}" for k in eff.reciprocal_ks()]
+        keys = list(dict.fromkeys(keys))
+        if int(eff.krr["k2"]) > 1:
+            keys.append("krr_expanded")
+        return keys
+
+    def _compute_rows(self, feats: np.ndarray, ids: np.ndarray, stores: dict[str, RowStore]) -> dict[str, sp.csr_matrix]:
+        """Rows ``ids`` of every structure, from this state's graph (``stores`` supplies the
+        k-reciprocal vectors that the krr expansion averages: already updated ones)."""
+        eff, graph = self.effective, self.graph
+        out = {"aim": _aim_rows(graph, ids, int(eff.aim["k1"]), int(eff.aim["k2"]))}
+        for k in eff.reciprocal_ks():
+            out.setdefault(f"half{_half(k)}", _half_rows(graph, ids, _half(k)))
+            out[f"recip{k}"] = _reciprocal_rows(feats, graph, ids, k)
+        if "krr_expanded" in self._keys():
+            k1 = int(eff.krr["k1"])
+            vectors = stores.get(f"recip{k1}") or RowStore(_SparseBase(out[f"recip{k1}"]), self.n)
+            out["krr_expanded"] = _expanded_rows(vectors, graph, ids, int(eff.krr["k2"]))
+        return out
+
+    # extension --------------------------------------------------------------------------------
+
+    def extend(self, feats: np.ndarray, n_new: int) -> tuple[GalleryState, StateDelta | None]:
+        """The state after appending the last ``n_new`` of ``feats`` (unit rows, ``self.n + n_new``
+        of them), and what changed. ``None`` for the delta when everything was recomputed (the
+        neighbourhood sizes changed with the gallery's size, or many items were added)."""
+        n_old, n = self.n, self.n + n_new
+        if n_new < 1:
+            raise InputError("nothing to add")
+        if len(feats) < n:
+            raise InputError(f"extension needs {n} feature rows, got {len(feats)}")
+        feats = np.ascontiguousarray(feats[:n], dtype=np.float32)
+        if self.params.effective(n_old) != self.params.effective(n):
+            return GalleryState.build(feats, self.params), None
+        ids, index, sim, first_change = _extended_lists(self.graph, feats, n_old, n_new)
+        graph = self.graph.with_rows(ids, index, sim, n)
+        if n_new > _FULL_RECOMPUTE_FRACTION * n_old:
+            dense_index, dense_sim = graph.dense()
+            return GalleryState.from_graph(feats, self.params, dense_index, dense_sim), None
+        state = GalleryState(self.params, n, graph, {})
+        eff = state.effective
+
+        def changed(m: int) -> np.ndarray:
+            """Rows whose first m list entries changed (new rows included)."""
+            return ids[first_change < m]
+
+        def around(rows: np.ndarray, m: int) -> np.ndarray:
+            """``rows`` and the rows listing one of them among their first m."""
+            return np.union1d(rows, graph.referencing(rows, m))
+
+        rows: dict[str, tuple[np.ndarray, sp.csr_matrix]] = {}
+        stores: dict[str, RowStore] = {}
+
+        def keep_changed(key: str, cand: np.ndarray, fresh: sp.csr_matrix, compare: bool) -> np.ndarray:
+            old = cand < n_old
+            differs = np.ones(len(cand), dtype=bool)
+            if compare and old.any():
+                differs[old] = ~_same_rows(fresh[np.flatnonzero(old)], self.stores[key][cand[old]])
+            chosen = np.flatnonzero(differs)
+            rows[key] = (cand[chosen], fresh[chosen])
+            stores[key] = self.stores[key].with_rows(cand[chosen], fresh[chosen], n)
+            return cand[chosen]
+
+        half_changed: dict[int, np.ndarray] = {}
+        for k in eff.reciprocal_ks():
+            h = _half(k)
+            if h not in half_changed:
+                cand = around(changed(h + 1), h + 1)
+                half_changed[h] = keep_changed(f"half{h}", cand, _half_rows(graph, cand, h), compare=True)
+        recip_changed: dict[int, np.ndarray] = {}
+        for k in eff.reciprocal_ks():
+            cand = np.union1d(changed(k + 1), graph.referencing(np.union1d(changed(k + 1), half_changed[_half(k)]), k + 1))
+            recip_changed[k] = keep_changed(f"recip{k}", cand, _reciprocal_rows(feats, graph, cand, k), compare=True)
+        k1, k2 = int(eff.aim["k1"]), int(eff.aim["k2"])
+        cand = np.union1d(changed(k2), graph.referencing(changed(k1), k2))
+        keep_changed("aim", cand, _aim_rows(graph, cand, k1, k2), compare=False)
+        if "krr_expanded" in self._keys():
+            krr_k1, krr_k2 = int(eff.krr["k1"]), int(eff.krr["k2"])
+            cand = np.union1d(changed(krr_k2), graph.referencing(recip_changed[krr_k1], krr_k2))
+            keep_changed("krr_expanded", cand, _expanded_rows(stores[f"recip{krr_k1}"], graph, cand, krr_k2),
+                         compare=False)
+        state.stores = stores
+        delta = StateDelta(n_old, n, ids, index, sim, rows)
+        return state, delta
+
+    def apply(self, delta: StateDelta) -> GalleryState:
+        """This state with a stored extension applied (loading base + deltas)."""
+        if delta.n_old != self.n:
+            raise InputError(f"delta extends a gallery of {delta.n_old} items, the state holds {self.n}")
+        graph = self.graph.with_rows(delta.graph_ids, delta.graph_index, delta.graph_sim, delta.n)
+        stores = {key: store.with_rows(*delta.rows[key], delta.n) if key in delta.rows
+                  else store.with_rows(np.empty(0, np.int64), sp.csr_matrix((0, delta.n), dtype=np.float32), delta.n)
+                  for key, store in self.stores.items()}
+        return GalleryState(self.params, delta.n, graph, stores)
+
+    # layout -----------------------------------------------------------------------------------
+
+    def overlay_fraction(self) -> float:
+        """Rows held in overlays relative to the base rows (what :meth:`compacted` removes)."""
+        overlaid = len(self.graph.ids) + sum(len(s.ids) for s in self.stores.values())
+        return overlaid / max(1, self.graph.base.n * (1 + len(self.stores)))
+
+    def compacted(self) -> GalleryState:
+        """The same state with every overlay folded into a new base."""
+        index, sim = self.graph.dense()
+        stores = {key: RowStore(_SparseBase(store.dense_csr()), self.n) for key, store in self.stores.items()}
+        return GalleryState(self.params, self.n, GraphStore(_GraphBase(index, sim), self.n), stores)
+
+    def warm_up(self) -> None:
+        """Build the lazily derived lookups (reverse graph index, column indexes, SGR edges) now."""
+        self.graph.base.reverse()
+        for store in self.stores.values():
+            store.sums()
+            store._columns()
+        for method in ("sgr", "sim"):
+            p = self.effective.method(method)
+            self.graph.sgr_parts(float(p["lam"]), int(p["k_graph"]))
+
+    def base_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of a base-only state (see :meth:`compacted`)."""
+        if len(self.graph.ids) or any(len(s.ids) for s in self.stores.values()):
+            raise ValueError("only a compacted state is stored as a base")
+        out = {"n": np.int64(self.n), "graph_index": self.graph.base.index, "graph_sim": self.graph.base.sim}
+        for key, store in self.stores.items():
+            csr = store.base.csr
+            out.update({f"{key}.indptr": csr.indptr, f"{key}.indices": csr.indices, f"{key}.data": csr.data})
+        return out
+
+    @classmethod
+    def from_base_arrays(cls, arrays: Mapping[str, np.ndarray], params: SingleQueryParams) -> GalleryState:
+        n = int(arrays["n"])
+        graph = GraphStore(_GraphBase(arrays["graph_index"], arrays["graph_sim"]), n)
+        state = cls(params, n, graph, {})
+        stores = {}
+        for key in state._keys():
+            csr = sp.csr_matrix((arrays[f"{key}.data"], arrays[f"{key}.indices"], arrays[f"{key}.indptr"]), shape=(n, n))
+            stores[key] = RowStore(_SparseBase(csr), n)
+        state.stores = stores
+        if graph.k != state.effective.graph_k() or graph.base.n != n:
+            raise InputError(f"stored graph has shape {graph.base.index.shape}, expected ({n}, {state.effective.graph_k()})")
+        return state
+
+
+_SCORE_BUDGET = 1 << 24  # similarity entries computed at once by an extension
+
+
+def _extended_lists(graph: GraphStore, feats: np.ndarray, n_old: int,
+                    n_new: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Lists after appending ``n_new`` items: (changed or new rows, their index and sim lists, the
+    first list position that changed). New rows search every item exactly (self first); an old row
+    merges the new items that beat its last entry (old entries first among equal similarities)."""
+    n, k = n_old + n_new, graph.k
+    feats_t = torch.from_numpy(feats)
+    new_ids = np.arange(n_old, n)
+    new_index = np.empty((n_new, k), np.int64)
+    new_sim = np.empty((n_new, k), np.float32)
+    step = max(1, _SCORE_BUDGET // n)
+    kth = graph.column(k - 1)[:n_old]
+    work_index, work_sim = None, None
+    if n_new > step:  # many new items: merge into dense copies of the old lists, block by block
+        rows = np.arange(n_old)
+        work_index, work_sim = graph.index[rows, :], graph.sim[rows, :]
+        original = work_index.copy()
+    hit_rows, hit_index, hit_sim, hit_first = [], [], [], []
+    with torch.no_grad():
+        for start in range(0, n_new, step):
+            stop = min(start + step, n_new)
+            scores = feats_t[n_old + start:n_old + stop] @ feats_t.T           # (b, n)
+            own = torch.arange(stop - start)
+            scores[own, n_old + start + own] = float("inf")                   # self first
+            val, pos = scores.topk(k, dim=1)
+            new_index[start:stop], new_sim[start:stop] = pos.numpy(), val.numpy()
+            old_scores = scores[:, :n_old].T.numpy()                            # (n_old, b)
+            if work_index is None:
+                hits = np.flatnonzero((old_scores > kth[:, None]).any(axis=1))
+                if len(hits):
+                    old_index, old_sim = graph.index[hits, :], graph.sim[hits, :]
+                    cand_index = np.concatenate([old_index, np.broadcast_to(new_ids[start:stop], (len(hits), stop - start))], 1)
+                    cand_sim = np.concatenate([old_sim, old_scores[hits]], axis=1)
+                    pick = np.argsort(-cand_sim, axis=1, kind="stable")[:, :k]
+                    merged = np.take_along_axis(cand_index, pick, axis=1)
+                    hit_rows.append(hits)
+                    hit_index.append(merged)
+                    hit_sim.append(np.take_along_axis(cand_sim, pick, axis=1))
+                    hit_first.append((merged != old_index).argmax(axis=1))
+            else:
+                hits = np.flatnonzero((old_scores > work_sim[:, -1:]).any(axis=1))
+                cand_index = np.concatenate([work_index[hits], np.broadcast_to(new_ids[start:stop], (len(hits), stop - start))], 1)
+                cand_sim = np.concatenate([work_sim[hits], old_scores[hits]], axis=1)
+                pick = np.argsort(-cand_sim, axis=1, kind="stable")[:, :k]
+                work_index[hits] = np.take_along_axis(cand_index, pick, axis=1)
+                work_sim[hits] = np.take_along_axis(cand_sim, pick, axis=1)
+    new_sim[:, 0] = 1.0
+    if work_index is not None:
+        differs = work_index != original
+        hits = np.flatnonzero(differs.any(axis=1))
+        hit_rows, hit_index, hit_sim, hit_first = [hits], [work_index[hits]], [work_sim[hits]], [differs[hits].argmax(axis=1)]
+    ids = np.concatenate(hit_rows + [new_ids])
+    index = np.concatenate(hit_index + [new_index])
+    sim = np.concatenate(hit_sim + [new_sim]).astype(np.float32)
+    first = np.concatenate(hit_first + [np.zeros(n_new, np.int64)])
+    return ids, index, sim, first
+
+
+# ----------------------------------------------------------------------------------- queries
+
+
+def top_indices(values: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """Indices of the k largest (or smallest) values, unordered."""
+    k = min(k, values.shape[0])
+    if k == values.shape[0]:
+        return np.arange(k)
+    return np.argpartition(-values if largest else values, k - 1)[:k]
+
+
+def top_k(dist: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` smallest distances, in increasing order (ties by index)."""
+    part = top_indices(dist, k, largest=False)
+    return part[np.lexsort((part, dist[part]))]
+
+
+def _euclidean(sim: np.ndarray) -> np.ndarray:
+    """``‖q − g‖`` of unit vectors from their float32 similarities (as the batch functions)."""
+    sim32 = np.asarray(sim, dtype=np.float32)
+    return np.sqrt(np.maximum(np.float32(2) - np.float32(2) * sim32, np.float32(0)))
+
+
+def aim_query(sim: np.ndarray, state: GalleryState) -> np.ndarray:
+    """SAAI Eq. 6–10 for one query: ``−(Q'·G'ᵀ) − q·gᵀ`` with ``Q' = normalize(top-k1 of q·gᵀ)``."""
+    k1 = int(state.effective.aim["k1"])
+    top = top_indices(sim, k1, largest=True)
+    weights = sim[top].astype(np.float64)
+    weights = weights / max(float(np.linalg.norm(weights)), NORM_EPS)
+    rows, values, which = state.stores["aim"].column_entries(top)
+    affinity = np.bincount(rows, weights=values * weights[which], minlength=state.n)
+    return -affinity - sim
+
+
+def aim_from_candidates(query: np.ndarray, feats: np.ndarray, state: GalleryState, cand_index: np.ndarray,
+                        cand_sim: np.ndarray, keep: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """AIM for one query from its nearest candidates (exact similarities ``cand_sim``) instead of a
+    full scan: :func:`aim_query` on the returned items when the candidates are the true top-C
+    neighbours and C >= k1. Returns (gallery rows, distances).
+
+    ``Q'`` is built from the top-k1 candidates; the other items with a non-zero affinity term come
+    from ``G'``'s columns. With ``keep`` (the number of best items the caller needs) such an item is
+    scored (``q·g`` from ``feats``) only if it could still rank among them: its similarity is at most
+    the smallest candidate similarity, so ``−affinity − min(cand_sim)`` bounds its distance from
+    below; items whose bound does not beat the ``keep``-th candidate distance are dropped.
+    """
+    k1 = int(state.effective.aim["k1"])
+    top = top_indices(cand_sim, k1, largest=True)
+    weights = cand_sim[top].astype(np.float64)
+    weights = weights / max(float(np.linalg.norm(weights)), NORM_EPS)
+    rows, values, which = state.stores["aim"].column_entries(cand_index[top])
+    items = np.union1d(cand_index, rows)
+    affinity = np.bincount(np.searchsorted(items, rows), weights=values * weights[which], minlength=len(items))
+    sim = np.full(len(items), np.nan)
+    sim[np.searchsorted(items, cand_index)] = cand_sim
+    others = np.flatnonzero(np.isnan(sim))
+    if keep is not None and others.size:
+        known = np.flatnonzero(~np.isnan(sim))
+        kth = np.partition(-affinity[known] - sim[known], min(keep, known.size) - 1)[min(keep, known.size) - 1]
+        hopeful = -affinity[others] - float(np.min(cand_sim)) <= kth
+        items = np.concatenate([items[known], items[others[hopeful]]])
+        affinity = np.concatenate([affinity[known], affinity[others[hopeful]]])
+        sim = np.concatenate([sim[known], np.empty(int(hopeful.sum()))])
+        others = np.arange(known.size, items.size)
+    sim[others] = np.einsum("ij,j->i", feats[items[others]], query.astype(feats.dtype))  # few rows: no thread pool
+    return items, -affinity - sim
+
+
+def _sgr_from(dist: np.ndarray, state: GalleryState, method: str) -> np.ndarray:
+    """SIM Eq. 1–5 (paper) for one query: column j ← mean of the K shortest ``d(q, g_n) + λ·d(g_n, g_j)``,
+    n among the k_graph nearest of j (the compiled kernel of :mod:`~vireid.retrieval.sim`)."""
+    p = state.effective.method(method)
+    source = np.ascontiguousarray(dist, dtype=np.float64)[:, None]
+    out = np.empty(state.n, np.float64)
+    for rows, neighbours, edge in state.graph.sgr_parts(float(p["lam"]), int(p["k_graph"])):
+        def store(columns: slice, mean: np.ndarray, rows: np.ndarray | None = rows) -> None:
+            out[columns if rows is None else rows[columns]] = mean[:, 0]
+
+        _mean_of_shortest_paths(source, neighbours, edge, int(p["K"]), store, _SERIAL)
+    return out
+
+
+def _mnnr_from(dist: np.ndarray, state: GalleryState, method: str) -> np.ndarray:
+    """SIM Eq. 6–8 (paper) for one query row ``dist``: the query's kq nearest with ``exp(−d)``
+    weights against each gallery item's kg-reciprocal vector, Jaccard ``1 − Σmin/Σmax``,
+    ``α·d + (1 − α)·d_J``."""
+    p = state.effective.method(method)
+    kq, kg, alpha = int(p["kq"]), int(p["kg"]), float(p["alpha"])
+    near = np.sort(top_indices(dist, kq, largest=False))
+    weight = np.exp(-dist[near])
+    left = sp.csr_matrix((weight, near, np.array([0, len(near)])), shape=(1, state.n))
+    store = state.stores[f"recip{kg}"]
+    out = np.array(dist, dtype=np.float64)[None]
+    blend_jaccard(out, store.shared_mass(left), alpha, np.array([weight.sum()]), store.sums())
+    return out[0]
+
+
+def sgr_query(sim: np.ndarray, state: GalleryState) -> np.ndarray:
+    return _sgr_from(_euclidean(sim), state, "sgr")
+
+
+def mnnr_query(sim: np.ndarray, state: GalleryState) -> np.ndarray:
+    return _mnnr_from(_euclidean(sim), state, "mnnr")
+
+
+def sim_query(sim: np.ndarray, state: GalleryState) -> np.ndarray:
+    """SIM Eq. 8: MNNR on the SGR distance."""
+    return _mnnr_from(_sgr_from(_euclidean(sim), state, "sim"), state, "sim")
+
+
+def krr_query(sim: np.ndarray, state: GalleryState) -> np.ndarray:
+    """k-reciprocal re-ranking (Zhong et al. 2017, paper): the pool is the gallery plus the query;
+    R*(p) (Eq. 3–5), ``exp(−d)`` weights (Eq. 7), expansion over the k2 nearest (Eq. 11),
+    ``1 − Σmin/Σmax`` (Eq. 10), ``(1 − λ)·d_J + λ·d`` (Eq. 12)."""
+    p = state.effective.krr
+    k1, k2, lam = int(p["k1"]), int(p["k2"]), float(p["lam"])
+    dist = _euclidean(sim)[None]
+    half = _half(k1)
+    vectors = state.stores[f"recip{k1}"]
+    probe = _probe_vectors(dist, state.stores[f"half{half}"], state.graph.radius(k1), state.graph.radius(half),
+                           k1, k2, vectors)
+    expanded = state.stores["krr_expanded"] if k2 > 1 else vectors
+    out = dist.astype(np.float64)
+    blend_jaccard(out, expanded.shared_mass(probe.tocsr()), lam, np.asarray(probe.sum(axis=1)).ravel(), expanded.sums())
+    return out[0]
+
+
+_QUERIES = {"plain": lambda sim, state: -np.asarray(sim, dtype=np.float64), "aim": aim_query, "sgr": sgr_query,
+            "mnnr": mnnr_query, "sim": sim_query, "krr": krr_query}
+
+
+def query_distance(method: str, sim: np.ndarray, state: GalleryState) -> np.ndarray:
+    """Distance (smaller = closer) of one query to every gallery item under ``method``, from its
+    similarities ``sim`` (G,) to the unit gallery rows."""
+    if method not in _QUERIES:
+        raise InputError(f"unknown re-ranking {method!r}; choose one of {', '.join(SINGLE_QUERY_METHODS)}")
+    return _QUERIES[method](np.asarray(sim, dtype=np.float64), state)
+
+
+def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Unit rows as C-contiguous float32."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), NORM_EPS))
+
+
+def rank_single(method: str, queries: np.ndarray, gallery: np.ndarray, *, preset: str | None = None,
+                params: Mapping[str, Mapping[str, object]] | None = None,
+                state: GalleryState | None = None) -> np.ndarray:
+    """The Q×G distance, one query at a time: the single-query counterpart of
+    :func:`vireid.retrieval.rerank` with ``variant="paper"`` (used to check them against each other)."""
+    gallery = l2_normalize_rows(gallery)
+    if state is None:
+        state = GalleryState.build(gallery, SingleQueryParams.resolve(preset, params), knn="exact")
+    queries = l2_normalize_rows(queries)
+    return np.stack([query_distance(method, gallery @ q, state) for q in queries])
+
+
+__all__: Sequence[str] = (
+    "SINGLE_QUERY_METHODS", "GalleryState", "GraphStore", "RowStore", "SingleQueryParams", "StateDelta",
+    "aim_from_candidates", "aim_query", "krr_query", "l2_normalize_rows", "mnnr_query", "query_distance",
+    "rank_single", "sgr_query", "sim_query", "top_k",
+)
