@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = resume_config(args.resume, args.overrides)
     else:
         cfg = load_train_config(args.config, args.overrides)
+    check_pretrained(cfg.model.pretrained, cfg.model.backbone)
     summary = train(cfg, resume=bool(args.resume))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -48,3 +49,31 @@ def run(args: argparse.Namespace) -> int:
         line["best"] = {k: (f"{100 * v:.2f}%" if k in ("rank1", "rank5", "mAP", "mINP") else v) for k, v in best.items()}
     print(json.dumps(line))
     return 0
+
+
+def check_pretrained(pretrained: str | None, backbone: str) -> None:
+    """Refuse an unreadable ImageNet weights file (``model.pretrained``, or the cached file that
+    ``auto`` uses) with one line, before any training work starts."""
+    from pathlib import Path
+
+    import torch
+
+    from vireid.models.backbone import DEFAULT_WEIGHTS_DIR
+
+    if pretrained is None:
+        return
+    path = DEFAULT_WEIGHTS_DIR / f"{backbone}.pth" if str(pretrained) == "auto" else Path(pretrained)
+    if not path.is_file():
+        return  # "auto" without a cached file trains from scratch; a missing explicit file is reported later
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip file
+    except Exception as exc:  # torch raises many types for damaged files
+        raise InputError(f"{path}: not a readable weights file for model.pretrained ({type(exc).__name__}); "
+                         f"download it again or set model.pretrained: null") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: model.pretrained must hold a state_dict, found {type(state).__name__}")

@@ -20,7 +20,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def gallery_sources(path: str | Path, modality: Modality) -> list[tuple[Path, GalleryItem]]:
-    """(image file, metadata) pairs from a folder (recursive, sorted) or a CSV manifest."""
+    """(image file, metadata) pairs from a folder (recursive, sorted), one image file or a CSV manifest."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
@@ -28,8 +28,13 @@ def gallery_sources(path: str | Path, modality: Modality) -> list[tuple[Path, Ga
         if not files:
             raise InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
         return [(f, _item(f, str(f.relative_to(path)), modality, None, None, None)) for f in files]
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        return [(path, _item(path, path.name, modality, None, None, None))]
     if path.is_file():
-        return _from_manifest(path, modality)
+        try:
+            return _from_manifest(path, modality)
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: neither an image ({', '.join(IMAGE_SUFFIXES)}) nor a UTF-8 CSV manifest") from None
     raise InputError(f"{path}: no such folder or manifest")
 
 
