@@ -35,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--decode-slots", type=int, default=2,
                         help="images decoded and encoded at once; further requests wait (503 when the wait is "
                              "too long)")
+    parser.add_argument("--queue-limit", type=int, default=32,
+                        help="requests that may wait for a decode slot; beyond, 503 with Retry-After at once")
+    parser.add_argument("--queue-timeout", type=float, default=30.0,
+                        help="seconds a request waits for a decode slot before 503 with Retry-After")
     parser.add_argument("--max-connections", type=int, default=64,
                         help="open connections served at once (uvicorn limit_concurrency; more get 503)")
     parser.add_argument("--scan-dtype", default="float32", choices=("float32", "float16"),
@@ -72,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     config = ServiceConfig(
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_enrol_bytes=int(args.max_enrol_mb * 1024 * 1024),
         max_pixels=args.max_pixels, max_aspect=args.max_aspect, decode_slots=args.decode_slots,
+        queue_limit=args.queue_limit, queue_timeout_s=args.queue_timeout,
         token=read_token(args.token_file), public_reads=args.public_reads,
         allowed_hosts=allowed_hosts(args.host, args.allowed_host), scan_dtype=args.scan_dtype,
         first_stage=args.first_stage, candidates=args.candidates, nprobe=args.nprobe, threads=args.threads)

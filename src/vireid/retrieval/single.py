@@ -572,9 +572,18 @@ class GalleryState:
             """Rows whose first m list entries changed (new rows included)."""
             return ids[first_change < m]
 
-        def around(rows: np.ndarray, m: int) -> np.ndarray:
-            """``rows`` and the rows listing one of them among their first m."""
-            return np.union1d(rows, graph.referencing(rows, m))
+        old_rows = ids < n_old
+        old_lists = self.graph.index[ids[old_rows], :]
+
+        def left(m: int) -> np.ndarray:
+            """Items pushed out of the first m entries of a changed list."""
+            before, after = old_lists[:, :m], index[old_rows, :m]
+            return np.unique(before[~(before[:, :, None] == after[:, None, :]).any(axis=2)])
+
+        def reciprocal_candidates(m: int) -> np.ndarray:
+            """Rows whose m−1-reciprocal set R(i, m−1) may differ (Zhong Eq. 3): a changed list, or
+            an item pushed out of the list of one of its neighbours."""
+            return np.union1d(changed(m), left(m))
 
         rows: dict[str, tuple[np.ndarray, sp.csr_matrix]] = {}
         stores: dict[str, RowStore] = {}
@@ -593,11 +602,13 @@ class GalleryState:
         for k in eff.reciprocal_ks():
             h = _half(k)
             if h not in half_changed:
-                cand = around(changed(h + 1), h + 1)
+                cand = reciprocal_candidates(h + 1)
                 half_changed[h] = keep_changed(f"half{h}", cand, _half_rows(graph, cand, h), compare=True)
         recip_changed: dict[int, np.ndarray] = {}
         for k in eff.reciprocal_ks():
-            cand = np.union1d(changed(k + 1), graph.referencing(np.union1d(changed(k + 1), half_changed[_half(k)]), k + 1))
+            # R*(i, k) (Eq. 4) reads R(i, k) and, for its members j, N(j, h+1) and R(j, h)
+            grown = graph.referencing(np.union1d(changed(_half(k) + 1), half_changed[_half(k)]), k + 1)
+            cand = np.union1d(reciprocal_candidates(k + 1), grown)
             recip_changed[k] = keep_changed(f"recip{k}", cand, _reciprocal_rows(feats, graph, cand, k), compare=True)
         k1, k2 = int(eff.aim["k1"]), int(eff.aim["k2"])
         cand = np.union1d(changed(k2), graph.referencing(changed(k1), k2))

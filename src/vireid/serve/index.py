@@ -963,8 +963,6 @@ def _collect(root: Path, *, everything: bool, images: bool = False) -> dict[str,
             if _OWN_FILE_RE.match(name) and stem not in referenced:
                 (path / name).unlink(missing_ok=True)
                 removed["files"] += 1
-    for folder in ("versions", "segments", "bases", "deltas", "meta"):
-        fsync_folder(root / folder)
     if images or everything:
         wanted = _referenced_images(root, manifests)
         if wanted is not None:
