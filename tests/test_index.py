@@ -104,6 +104,8 @@ def test_float16_scan_keeps_the_ranking(tmp_path: Path, sysu_golden) -> None:
     half = GalleryIndex.open(tmp_path, scan_dtype="float16", first_stage="scan")
     query = sysu_golden["query_feat"][0]
     assert [h.index for h in exact.search(query, "aim", 5)] == [h.index for h in half.search(query, "aim", 5)]
+    grown, ids = add_to_index(tmp_path, query[None] + 0.01, _items(1, 5000), current=half)  # the half copy grows too
+    assert grown.search(query, "aim", 1)[0].index == ids[0] and grown.similarity(query / np.linalg.norm(query)).shape == (grown.count,)
 
 
 def test_candidate_search_equals_full_scan_when_every_list_is_probed(tmp_path: Path, sysu_golden) -> None:

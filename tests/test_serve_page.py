@@ -62,3 +62,41 @@ def test_upload_a_query_and_see_ranked_thumbnails(chromium_path: Path, tmp_path:
             assert errors == []
         finally:
             browser.close()
+
+
+def test_the_page_asks_for_the_token_and_reports_a_failing_health_check(chromium_path: Path, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    index = build_image_index(tmp_path, pids=range(1, 5), per_pid=3)
+    query = tmp_path / "q.jpg"
+    query.write_bytes(person_image(2, 12, size=(48, 96)))
+    token = "page-token-3f9e2b71"
+    with RunningServer(index, ServiceConfig(token=token)) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium_path), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(server.url + "/")
+            page.wait_for_function("!document.getElementById('token-field').hidden")
+            page.fill("#token", token)
+            page.dispatch_event("#token", "change")
+            page.set_input_files("#query-file", str(query))
+            page.click("#search-button")
+            page.wait_for_selector("#results li.hit >> nth=3")
+            page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+            assert page.locator("#results img").first.get_attribute("src").startswith("blob:")  # fetched with the token
+            assert errors == []
+
+            failing = browser.new_page()
+            failing.route("**/health", lambda route: route.fulfill(status=503, content_type="application/json",
+                                                                    body='{"detail": "index damaged"}'))
+            failing.goto(server.url + "/")
+            failing.wait_for_function("document.getElementById('index-info').textContent.includes('unavailable')")
+            assert "index damaged" in failing.inner_text("#index-info")
+            down = browser.new_page()
+            down.route("**/health", lambda route: route.abort())
+            down.goto(server.url + "/")
+            down.wait_for_function("document.getElementById('index-info').textContent.includes('unavailable')")
+        finally:
+            browser.close()

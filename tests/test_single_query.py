@@ -54,7 +54,11 @@ def test_parameters_come_from_the_presets() -> None:
         SingleQueryParams.resolve("sysu-outdoor")
 
 
-def test_a_grown_gallery_equals_one_built_at_once(golden) -> None:
+@pytest.mark.parametrize("recent_rows", [1024, 30])  # changed rows in the recent layer only, or folded too
+def test_a_grown_gallery_equals_one_built_at_once(golden, recent_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vireid.retrieval import single
+
+    monkeypatch.setattr(single, "_RECENT_ROWS", recent_rows)
     queries, gallery = golden
     params = SingleQueryParams.resolve("sysu-multishot")  # k1 20 / k2 6: every structure non-trivial
     state = GalleryState.build(gallery[:900], params, knn="exact")
@@ -66,6 +70,7 @@ def test_a_grown_gallery_equals_one_built_at_once(golden) -> None:
         assert delta is not None and delta.n == n
         stored.append(StateDelta.from_arrays(delta.arrays()))
         assert delta.changed_rows() < 120 * step + 300  # rows near the new items, not the gallery (6 × n rows)
+    assert (len(state.stores["aim"].settled) > 0) == (recent_rows < 1024)
     full = GalleryState.build(gallery[:n], params, knn="exact")
     replayed = GalleryState.build(gallery[:900], params, knn="exact")
     for delta in stored:

@@ -54,7 +54,9 @@ _RERANKERS = SINGLE_QUERY_METHODS[1:]
 VARIANT = "paper"
 #: Above this many new items per old item an extension recomputes every structure row.
 _FULL_RECOMPUTE_FRACTION = 0.125
-_SERIAL = types.SimpleNamespace(map=map)  # the "pool" of sim._mean_of_shortest_paths, run in this thread
+_SERIAL = types.SimpleNamespace(map=map)
+#: Rows a store's recent layer holds before it is folded into the settled one.
+_RECENT_ROWS = 1024  # the "pool" of sim._mean_of_shortest_paths, run in this thread
 
 
 def _half(k: int) -> int:
@@ -305,85 +307,152 @@ class _SparseBase:
         return self._sums
 
 
+class _Layer:
+    """Replaced or added rows (sorted gallery ``ids``, CSR ``rows``) with their column index."""
+
+    def __init__(self, ids: np.ndarray, rows: sp.csr_matrix) -> None:
+        self.ids, self.rows = ids, rows.tocsr()
+        self._columns: sp.csc_matrix | None = None
+        self._sums: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, n: int) -> _Layer:
+        return cls(np.empty(0, np.int64), sp.csr_matrix((0, n), dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def holds(self, rows: np.ndarray) -> np.ndarray:
+        pos = np.minimum(np.searchsorted(self.ids, rows), max(len(self.ids) - 1, 0))
+        return self.ids[pos] == rows if len(self.ids) else np.zeros(len(rows), dtype=bool)
+
+    def take(self, rows: np.ndarray, n: int) -> sp.csr_matrix:
+        if not len(rows):
+            return sp.csr_matrix((0, n), dtype=self.rows.dtype)
+        return _resized(self.rows[np.searchsorted(self.ids, rows)], n)
+
+    def columns(self, n: int) -> sp.csc_matrix:
+        """(n × n) CSC whose stored rows are gallery ids (built once; a larger n only pads it)."""
+        if self._columns is None:
+            coo = self.rows.tocoo()
+            size = self.rows.shape[1]
+            self._columns = sp.csc_matrix((coo.data, (self.ids[coo.row], coo.col)), shape=(size, size))
+            self._columns.sort_indices()
+        built = self._columns
+        if built.shape[0] != n:
+            indptr = np.concatenate([built.indptr, np.full(n - built.shape[0], built.indptr[-1], built.indptr.dtype)])
+            built = sp.csc_matrix((built.data, built.indices, indptr), shape=(n, n))
+            self._columns = built
+        return built
+
+    def sums(self) -> np.ndarray:
+        if self._sums is None:
+            self._sums = np.asarray(self.rows.sum(axis=1), dtype=np.float64).ravel()
+        return self._sums
+
+    def merged(self, other: _Layer, n: int) -> _Layer:
+        """This layer with ``other``'s rows replacing or adding to its own."""
+        if not len(other):
+            return self if self.rows.shape[1] == n else _Layer(self.ids, _resized(self.rows, n))
+        ids, order, keep = _merge_ids(self.ids, other.ids)
+        stacked = sp.vstack([_resized(self.rows[np.flatnonzero(keep)], n), _resized(other.rows, n)], format="csr")
+        return _Layer(ids, stacked[order])
+
+
 class RowStore:
-    """Rows of a sparse n×n structure: an immutable base and an overlay of replaced or added rows.
+    """Rows of a sparse n×n structure: an immutable base and two layers of replaced or added rows
+    — ``settled`` (its column index built once) and ``recent`` (small, re-indexed per enrolment,
+    folded into ``settled`` when it grows) — so that an enrolment re-indexes only recent rows.
 
     ``store[rows]`` gives rows as CSR; :meth:`column_entries` and :meth:`shared_mass` read columns
-    (an inverted index: the base's CSC, the overlay's own, overlaid base rows skipped).
+    (an inverted index per part, rows that a later part replaces skipped).
     """
 
-    def __init__(self, base: _SparseBase, n: int, ids: np.ndarray | None = None,
-                 rows: sp.csr_matrix | None = None) -> None:
+    def __init__(self, base: _SparseBase, n: int, settled: _Layer | None = None, recent: _Layer | None = None) -> None:
         self.base, self.n = base, n
-        self.ids = np.empty(0, np.int64) if ids is None else ids
-        self.overlay = sp.csr_matrix((len(self.ids), n), dtype=np.float32) if rows is None else _resized(rows, n)
-        self.position = np.full(n, -1, dtype=np.int64)
-        self.position[self.ids] = np.arange(len(self.ids))
-        self._overlay_csc: sp.csc_matrix | None = None
-        self._base_csc: sp.csc_matrix | None = None
+        self.settled = settled or _Layer.empty(n)
+        self.recent = recent or _Layer.empty(n)
         self._sums: np.ndarray | None = None
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Every row held outside the base."""
+        return np.union1d(self.settled.ids, self.recent.ids)
+
+    def _parts(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Masks of ``rows`` held by ``recent``, and by ``settled`` but not ``recent``."""
+        in_recent = self.recent.holds(rows)
+        return in_recent, self.settled.holds(rows) & ~in_recent
 
     def __getitem__(self, rows: np.ndarray) -> sp.csr_matrix:
         rows = np.asarray(rows, dtype=np.int64).ravel()
-        pos = self.position[rows]
-        from_overlay = pos >= 0
-        if not from_overlay.any():
+        in_recent, in_settled = self._parts(rows)
+        in_base = ~(in_recent | in_settled)
+        if in_base.all():
             return _resized(self.base.csr[rows], self.n)
-        parts = [_resized(self.base.csr[rows[~from_overlay]], self.n), self.overlay[pos[from_overlay]]]
-        stacked = sp.vstack(parts, format="csr")
-        order = np.argsort(np.concatenate([np.flatnonzero(~from_overlay), np.flatnonzero(from_overlay)]), kind="stable")
-        return stacked[order]
+        parts = [_resized(self.base.csr[rows[in_base]], self.n), self.settled.take(rows[in_settled], self.n),
+                 self.recent.take(rows[in_recent], self.n)]
+        order = np.argsort(np.concatenate([np.flatnonzero(m) for m in (in_base, in_settled, in_recent)]), kind="stable")
+        return sp.vstack(parts, format="csr")[order]
 
-    def _columns(self) -> tuple[sp.csc_matrix, sp.csc_matrix]:
-        """(base columns padded to n, overlay columns with gallery row ids)."""
-        if self._base_csc is None:
-            csc = self.base.csc()
-            indptr = np.concatenate([csc.indptr, np.full(self.n - self.base.n, csc.indptr[-1], csc.indptr.dtype)])
-            self._base_csc = sp.csc_matrix((csc.data, csc.indices, indptr), shape=(self.n, self.n))
-        if self._overlay_csc is None:
-            coo = self.overlay.tocoo()
-            self._overlay_csc = sp.csc_matrix((coo.data, (self.ids[coo.row], coo.col)), shape=(self.n, self.n))
-            self._overlay_csc.sort_indices()
-        return self._base_csc, self._overlay_csc
+    def _live(self, rows: np.ndarray, part: int) -> np.ndarray:
+        """Entries of part 0 (base), 1 (settled) or 2 (recent) that no later part replaces."""
+        if part == 2:
+            return np.ones(len(rows), dtype=bool)
+        live = ~self.recent.holds(rows)
+        return live & ~self.settled.holds(rows) if part == 0 else live
 
     def column_entries(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows, values and the position in ``cols`` of every stored entry of columns ``cols``."""
+        cols = np.asarray(cols, dtype=np.int64)
         rows, values, which = [], [], []
-        for part, skip_overlaid in zip(self._columns(), (True, False)):
-            lengths = part.indptr[cols + 1] - part.indptr[cols]
-            take = _ranges(part.indptr[cols], lengths)
-            r, v, w = part.indices[take], part.data[take], np.repeat(np.arange(len(cols)), lengths)
-            if skip_overlaid and len(self.ids):
-                live = self.position[r] < 0
-                r, v, w = r[live], v[live], w[live]
-            rows.append(r)
-            values.append(v)
-            which.append(w)
+        base_cols = np.flatnonzero(cols < self.base.n)
+        parts = [(self.base.csc(), base_cols)]
+        parts += [(layer.columns(self.n), np.arange(len(cols))) for layer in (self.settled, self.recent) if len(layer)]
+        for number, (columns, chosen) in enumerate(parts):
+            c = cols[chosen]
+            lengths = columns.indptr[c + 1] - columns.indptr[c]
+            take = _ranges(columns.indptr[c], lengths)
+            r, v, w = columns.indices[take], columns.data[take], np.repeat(chosen, lengths)
+            live = self._live(r, number if number == 0 else (1 if len(self.settled) and number == 1 else 2))
+            rows.append(r[live])
+            values.append(v[live])
+            which.append(w[live])
         return np.concatenate(rows), np.concatenate(values), np.concatenate(which)
 
     def shared_mass(self, left: sp.csr_matrix) -> sp.csr_matrix:
         """:func:`~vireid.retrieval.kreciprocal.shared_mass` of ``left`` against every row."""
-        base_columns, overlay_columns = self._columns()
-        mass = shared_mass(left, base_columns)
-        if len(self.ids):
-            mass.data[self.position[mass.indices] >= 0] = 0.0
-            mass = mass + shared_mass(left, overlay_columns)
-            mass.eliminate_zeros()
-        return mass.tocsr()
+        left = left.tocsr()
+        inside = left.indices < self.base.n
+        base_left = sp.csr_matrix((left.data * inside, left.indices * inside, left.indptr.copy()),
+                                  shape=(left.shape[0], self.base.n))
+        base_left.eliminate_zeros()
+        mass = _resized(shared_mass(base_left, self.base.csc()), self.n)
+        for number, layer in ((1, self.settled), (2, self.recent)):
+            if len(layer):  # rows this layer replaces lose what the earlier parts gave them
+                mass.data[~self._live(mass.indices, number - 1)] = 0.0
+                mass = (mass + shared_mass(left, layer.columns(self.n))).tocsr()
+        mass.eliminate_zeros()
+        return mass
 
     def sums(self) -> np.ndarray:
         """(n,) row sums."""
         if self._sums is None:
             out = np.zeros(self.n, np.float64)
             out[: self.base.n] = self.base.sums()
-            out[self.ids] = np.asarray(self.overlay.sum(axis=1), dtype=np.float64).ravel()
+            out[self.settled.ids] = self.settled.sums()
+            out[self.recent.ids] = self.recent.sums()
             self._sums = out
         return self._sums
 
     def with_rows(self, ids: np.ndarray, rows: sp.csr_matrix, n: int) -> RowStore:
-        merged_ids, order, keep = _merge_ids(self.ids, ids)
-        stacked = sp.vstack([_resized(self.overlay[np.flatnonzero(keep)], n), _resized(rows, n)], format="csr")
-        return RowStore(self.base, n, merged_ids, stacked[order])
+        """A store of ``n`` rows where ``ids`` hold ``rows`` (recent rows fold into the settled
+        layer once they outnumber a quarter of it)."""
+        recent = self.recent.merged(_Layer(np.asarray(ids, dtype=np.int64), _resized(rows, n)), n)
+        settled = self.settled
+        if len(recent) > max(_RECENT_ROWS, len(settled) // 4):
+            settled, recent = settled.merged(recent, n), _Layer.empty(n)
+        return RowStore(self.base, n, settled, recent)
 
     def dense_csr(self) -> sp.csr_matrix:
         """Every row as one CSR matrix (for a new base)."""
@@ -646,14 +715,15 @@ class GalleryState:
         return GalleryState(self.params, self.n, GraphStore(_GraphBase(index, sim), self.n), stores)
 
     def warm_up(self) -> None:
-        """Build the lazily derived lookups (reverse graph index, column indexes, SGR edges) now."""
+        """Build the lazily derived lookups (reverse graph index, column indexes, row sums) and
+        compile the SGR kernels now, not in the first enrolment or search."""
         self.graph.base.reverse()
         for store in self.stores.values():
+            store.base.csc()
             store.sums()
-            store._columns()
-        for method in ("sgr", "sim"):
-            p = self.effective.method(method)
-            self.graph.sgr_parts(float(p["lam"]), int(p["k_graph"]))
+        probe = np.linspace(-0.5, 1.0, self.n)
+        for method in SINGLE_QUERY_METHODS:
+            query_distance(method, probe, self)
 
     def base_arrays(self) -> dict[str, np.ndarray]:
         """The arrays of a base-only state (see :meth:`compacted`)."""

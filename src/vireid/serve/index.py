@@ -70,8 +70,8 @@ FIRST_STAGES = ("int8", "scan", "ivf")
 THUMBNAIL_SIZE = (96, 192)
 INT64 = (-(2**63), 2**63 - 1)
 #: Compaction folds the deltas into a new base beyond this many of them, or this overlay fraction.
-COMPACT_DELTAS = 256
-COMPACT_FRACTION = 0.08
+COMPACT_DELTAS = 512
+COMPACT_FRACTION = 0.1
 _VERSION_RE = re.compile(r"^v(\d{6})\.json$")
 _OWN_FILE_RE = re.compile(r"^[0-9a-f]{32}\.(npy|npz|sqlite|sqlite-wal|sqlite-shm)$")
 _SHA_FILE_RE = re.compile(r"^[0-9a-f]{64}\.[a-z0-9]{1,5}$")
@@ -237,7 +237,7 @@ class FeatureBuffer:
     def __init__(self, rows: np.ndarray, spare: int | None = None) -> None:
         n, dim = rows.shape
         capacity = n + (max(1024, n // 4) if spare is None else spare)
-        self.array = np.empty((capacity, dim), np.float32)
+        self.array = np.empty((capacity, dim), rows.dtype)
         self.array[:n] = rows
         self.filled = n
         self._lock = threading.Lock()
@@ -250,8 +250,7 @@ class FeatureBuffer:
                 self.array[at:at + len(rows)] = rows
                 self.filled += len(rows)
                 return self
-        out = FeatureBuffer(np.concatenate([self.array[:at], rows]))
-        return out
+        return FeatureBuffer(np.concatenate([self.array[:at], rows.astype(self.array.dtype)]))
 
 
 class _FirstStage:
@@ -922,8 +921,8 @@ def _collect(root: Path, *, everything: bool, images: bool = False) -> dict[str,
     version's rows reference. Called with the writer lock held."""
     removed = {"versions": 0, "files": 0, "images": 0}
     versions = _versions(root)
-    for folder in _FOLDERS:
-        removed["files"] += remove_stale_temporaries(root / folder)
+    for folder in _FOLDERS if images or everything else ("versions", "segments", "bases", "deltas", "meta", "models"):
+        removed["files"] += remove_stale_temporaries(root / folder)  # images/ may hold a file per item: not always
     if not versions:
         return removed
     live = versions[-1][1]
