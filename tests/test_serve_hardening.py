@@ -81,6 +81,12 @@ def test_no_cdn_and_security_headers_everywhere(server: RunningServer) -> None:
 
 def test_tokens_are_long_enough(index_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import uvicorn
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a server started with a one-character token")
+
+    monkeypatch.setattr(uvicorn, "run", refuse)
     short = tmp_path / "token"
     short.write_text("x\n")
     monkeypatch.delenv("VIREID_SERVE_TOKEN", raising=False)
