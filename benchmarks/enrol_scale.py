@@ -3,6 +3,7 @@
 Measures, in one run on this machine, for a synthetic gallery of G items:
 
 * index build and load time;
+* search latency per method from one client (int8 first stage for plain and aim);
 * the latency of enrolling one image (``add_to_index``: neighbour lists, re-ranking structure
   rows, image and thumbnail, metadata row, delta file, manifest — everything but the forward pass,
   whose features are given) and the bytes it writes;
@@ -144,8 +145,13 @@ def main() -> None:
         print(f"G={args.gallery:,} d={args.dim}: build {results['build_s']:.1f} s, load {results['load_s']:.1f} s",
               flush=True)
         harness = Harness(root, index, new_feats)
-        for q in queries[:5]:
-            harness.search(q, args.method)
+        per_method = {}
+        for method in ("plain", "aim", "sgr", "mnnr", "sim", "krr"):
+            harness.search(queries[0], method)
+            per_method[method] = percentiles([harness.search(q, method) for q in queries[:50]])
+        results["search_alone"] = per_method
+        print("one client, searches alone: " + "; ".join(
+            f"{m} p50 {r['p50_ms']:.1f} / p95 {r['p95_ms']:.1f} ms" for m, r in per_method.items()), flush=True)
         one_by_one, written = [], []
         for _ in range(args.enrolments):
             before = folder_bytes(root)
