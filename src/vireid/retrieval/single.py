@@ -716,14 +716,16 @@ class GalleryState:
 
     def warm_up(self) -> None:
         """Build the lazily derived lookups (reverse graph index, column indexes, row sums) and
-        compile the SGR kernels now, not in the first enrolment or search."""
+        compile the SGR kernels now, not in the first enrolment or search (cheap when done)."""
         self.graph.base.reverse()
         for store in self.stores.values():
             store.base.csc()
             store.sums()
-        probe = np.linspace(-0.5, 1.0, self.n)
-        for method in SINGLE_QUERY_METHODS:
-            query_distance(method, probe, self)
+        for method in ("sgr", "sim"):
+            p = self.effective.method(method)
+            k_graph = int(p["k_graph"])
+            _mean_of_shortest_paths(np.zeros((1, 1)), np.zeros((1, k_graph), np.int64), np.zeros((1, k_graph)),
+                                    int(p["K"]), lambda columns, mean: None, _SERIAL)
 
     def base_arrays(self) -> dict[str, np.ndarray]:
         """The arrays of a base-only state (see :meth:`compacted`)."""

@@ -223,9 +223,11 @@ class Service:
 
     def _reload(self) -> None:
         try:
-            self.index = GalleryIndex.open(self.index_dir, scan_dtype=self.config.scan_dtype,
-                                           first_stage=self.config.first_stage, candidates=self.config.candidates,
-                                           nprobe=self.config.nprobe, previous=self.index)
+            index = GalleryIndex.open(self.index_dir, scan_dtype=self.config.scan_dtype,
+                                      first_stage=self.config.first_stage, candidates=self.config.candidates,
+                                      nprobe=self.config.nprobe, previous=self.index)
+            index.warm_up()
+            self.index = index
             self._failed_version = None
         except InputError as exc:  # keep serving the version in memory
             self._failed_version = current_version(self.index_dir)
