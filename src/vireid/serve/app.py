@@ -212,13 +212,17 @@ class Service:
 
     def current(self) -> GalleryIndex:
         """The live version, reloaded first when another process committed a newer one; requests
-        keep the version they started with (and its lease) until they finish."""
+        keep the version they started with (and its lease) until they finish. While an enrolment
+        or a reload holds the lock, requests go on with the version in memory."""
         index = self.index
         live = current_version(self.index_dir)
-        if live is not None and live != index.version and live != self._failed_version:
-            with self._lock:
+        if live is not None and live != index.version and live != self._failed_version \
+                and self._lock.acquire(blocking=False):
+            try:
                 if current_version(self.index_dir) != self.index.version:
                     self._reload()
+            finally:
+                self._lock.release()
         return self.index
 
     def _reload(self) -> None:
