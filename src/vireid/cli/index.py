@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, type=Path,
-                        help="folder of images (recursive; hidden files and folders skipped) or CSV manifest "
+                        help="folder of images (recursive; hidden files and folders skipped), one image, or CSV manifest "
                              "(path[,person_id,camera,time,modality])")
     parser.add_argument("--modality", default="visible", help="modality of the images (a manifest column overrides it)")
     parser.add_argument("--no-store-images", action="store_true", help="keep only features and metadata, not the images")
