@@ -221,3 +221,14 @@ def test_old_format_and_missing_index_are_named(tmp_path: Path) -> None:
         restore_version(tmp_path / "new", "v000009")
     manifest = json.loads(next((tmp_path / "new" / "versions").glob("*.json")).read_text())
     assert manifest["format"] == 2
+
+
+def test_a_lost_thumbnail_is_made_again(tmp_path: Path) -> None:
+    build_index(tmp_path, np.random.default_rng(3).standard_normal((4, 8)), _image_items(range(1, 5)))
+    index = GalleryIndex.open(tmp_path, first_stage="scan")
+    thumb = index.image_path(index.item(2), thumbnail=True)
+    data = thumb.read_bytes()
+    thumb.unlink()  # thumbnails are not synced to disk: a power failure may take one
+    assert verify_index(tmp_path)["count"] == 4
+    again = index.image_path(index.item(2), thumbnail=True)
+    assert again == thumb and thumb.read_bytes() == data

@@ -92,16 +92,19 @@ class PendingFile:
     are removed first. An unwritable folder or a full disk raises :class:`InputError` naming the path.
     """
 
-    def __init__(self, path: str | os.PathLike[str], suffix: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], suffix: str | None = None, *, clean_stale: bool = True,
+                 durable: bool = True) -> None:
         self.final = Path(path)
+        self.durable = durable
         suffix = self.final.suffix if suffix is None else suffix
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
-            pattern = _temporary_pattern(self.final, suffix)
-            with os.scandir(self.final.parent) as entries:
-                stale = [entry.path for entry in entries if pattern.match(entry.name)]
-            for name in stale:
-                _remove_if_abandoned(Path(name))
+            if clean_stale:
+                pattern = _temporary_pattern(self.final, suffix)
+                with os.scandir(self.final.parent) as entries:
+                    stale = [entry.path for entry in entries if pattern.match(entry.name)]
+                for name in stale:
+                    _remove_if_abandoned(Path(name))
             self._fd, tmp_name = tempfile.mkstemp(prefix=f".{self.final.name}.", suffix=suffix + ".tmp",
                                                   dir=self.final.parent)
         except OSError as exc:
@@ -118,12 +121,13 @@ class PendingFile:
 
     def publish(self, *, sync_folder: bool = True) -> None:
         try:
-            self.sync()
+            if self.durable:
+                self.sync()
             os.replace(self.tmp, self.final)
         except OSError as exc:
             raise _write_error(self.final, exc) from None
         self.published = True
-        if sync_folder:
+        if sync_folder and self.durable:
             fsync_folder(self.final.parent)
 
     def __enter__(self) -> PendingFile:
@@ -137,11 +141,15 @@ class PendingFile:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], suffix: str | None = None, *, sync_folder: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], suffix: str | None = None, *, sync_folder: bool = True,
+                clean_stale: bool = True, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync and rename it onto ``path``
     (:class:`PendingFile`). ``sync_folder=False`` skips the fsync of the folder after the rename,
-    for callers that write several files into one folder and sync it once (:func:`fsync_folder`)."""
-    with PendingFile(path, suffix) as pending:
+    for callers that write several files into one folder and sync it once (:func:`fsync_folder`);
+    ``clean_stale=False`` skips looking for leftovers of the same name (for folders of many files
+    whose owner collects them otherwise); ``durable=False`` skips every fsync (for files that can
+    be made again: the rename still never shows a half-written file)."""
+    with PendingFile(path, suffix, clean_stale=clean_stale, durable=durable) as pending:
         try:
             yield pending.tmp
         except OSError as exc:
@@ -171,8 +179,9 @@ def fsync_folder(folder: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, sync_folder: bool = True) -> None:
-    with atomic_path(path, sync_folder=sync_folder) as tmp:
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, sync_folder: bool = True,
+                       clean_stale: bool = True, durable: bool = True) -> None:
+    with atomic_path(path, sync_folder=sync_folder, clean_stale=clean_stale, durable=durable) as tmp:
         tmp.write_bytes(data)
 
 

@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="set one re-ranking parameter, overriding the preset, e.g. aim.k1=20 or sim.alpha=0.5 "
                             "(names as in `vireid rerank --help`; repeatable)")
     build.add_argument("--knn", default="auto", choices=("auto", "exact", "ivf", "hnsw"),
-                       help="gallery neighbour graph search (auto: exact up to 50,000 items)")
+                       help="gallery neighbour graph search (auto: exact up to 200,000 items, faiss IVF beyond; "
+                            "enrolments cost more on an approximate graph)")
     build.set_defaults(func=run_build)
 
     add = actions.add_parser("add", help="append images to an index (cost in proportion to the images added; "

@@ -55,6 +55,8 @@ VARIANT = "paper"
 #: Above this many new items per old item an extension recomputes every structure row.
 _FULL_RECOMPUTE_FRACTION = 0.125
 _SERIAL = types.SimpleNamespace(map=map)
+#: Galleries up to this size get an exact neighbour graph by default (``knn="auto"``).
+EXACT_GRAPH_LIMIT = 200_000
 #: Rows a store's recent layer holds before it is folded into the settled one.
 _RECENT_ROWS = 1024  # the "pool" of sim._mean_of_shortest_paths, run in this thread
 
@@ -149,14 +151,15 @@ class _RowsView:
             rows = np.arange(len(self.position))[rows]
         rows = np.asarray(rows)
         flat = rows.ravel()
-        width = len(range(*columns.indices(self.base.shape[1] if len(self.base) else self.overlay.shape[1])))
-        out = np.empty((len(flat), width), dtype=self.overlay.dtype if len(self.overlay) else self.base.dtype)
-        pos = self.position[flat]
-        from_overlay = pos >= 0
-        if len(self.base):
-            out[~from_overlay] = self.base[flat[~from_overlay], columns]
-        out[from_overlay] = self.overlay[pos[from_overlay], columns]
-        return out.reshape(rows.shape + (width,))
+        if len(self.base):  # one gather from the base, then the overlaid rows patched in
+            out = self.base[np.minimum(flat, len(self.base) - 1), columns]
+        else:
+            out = np.empty((len(flat),) + self.overlay[:0, columns].shape[1:], self.overlay.dtype)
+        if len(self.overlay):
+            pos = self.position[flat]
+            patched = np.flatnonzero(pos >= 0)
+            out[patched] = self.overlay[pos[patched], columns]
+        return out.reshape(rows.shape + out.shape[1:])
 
 
 class _GraphBase:
@@ -512,9 +515,13 @@ def _same_rows(a: sp.csr_matrix, b: sp.csr_matrix) -> np.ndarray:
     """(rows,) bool: row i of ``a`` has exactly the column pattern of row i of ``b``."""
     a.sort_indices()
     b.sort_indices()
-    out = np.diff(a.indptr) == np.diff(b.indptr)
-    for i in np.flatnonzero(out):
-        out[i] = np.array_equal(a.indices[a.indptr[i]:a.indptr[i + 1]], b.indices[b.indptr[i]:b.indptr[i + 1]])
+    lengths = np.diff(a.indptr)
+    out = lengths == np.diff(b.indptr)
+    rows = np.flatnonzero(out)
+    take_a = _ranges(a.indptr[rows], lengths[rows])
+    take_b = _ranges(b.indptr[rows], lengths[rows])
+    differing = a.indices[take_a] != b.indices[take_b]
+    out[rows[np.unique(np.repeat(np.arange(len(rows)), lengths[rows])[differing])]] = False
     return out
 
 
@@ -571,12 +578,16 @@ class GalleryState:
 
     @classmethod
     def build(cls, feats: np.ndarray, params: SingleQueryParams, *, knn: str = "auto", seed: int = 0) -> GalleryState:
-        """From unit-row features: the top-K graph (exact up to 50,000 items, faiss IVF beyond,
-        :mod:`~vireid.retrieval.knn`), then every structure row."""
+        """From unit-row features: the top-K graph, then every structure row. ``knn="auto"``: an
+        exact graph up to :data:`EXACT_GRAPH_LIMIT` items, faiss IVF beyond
+        (:mod:`~vireid.retrieval.knn`). An enrolment costs more on an approximate graph: an item
+        enters every list whose (approximate) last entry it beats, more lists than on the exact graph."""
         n = len(feats)
         if n == 0:
             raise InputError("a gallery needs at least one item")
         k = params.effective(n).graph_k()
+        if knn == "auto":
+            knn = "exact" if n <= EXACT_GRAPH_LIMIT else "auto"
         graph = build_graph(NeighbourIndex(np.ascontiguousarray(feats, np.float32), knn, seed=seed), k)
         return cls.from_graph(feats, params, graph.index, graph.sim)
 
@@ -688,6 +699,7 @@ class GalleryState:
             keep_changed("krr_expanded", cand, _expanded_rows(stores[f"recip{krr_k1}"], graph, cand, krr_k2),
                          compare=False)
         state.stores = stores
+        state.prepare()
         delta = StateDelta(n_old, n, ids, index, sim, rows)
         return state, delta
 
@@ -699,7 +711,9 @@ class GalleryState:
         stores = {key: store.with_rows(*delta.rows[key], delta.n) if key in delta.rows
                   else store.with_rows(np.empty(0, np.int64), sp.csr_matrix((0, delta.n), dtype=np.float32), delta.n)
                   for key, store in self.stores.items()}
-        return GalleryState(self.params, delta.n, graph, stores)
+        state = GalleryState(self.params, delta.n, graph, stores)
+        state.prepare()
+        return state
 
     # layout -----------------------------------------------------------------------------------
 
@@ -713,6 +727,14 @@ class GalleryState:
         index, sim = self.graph.dense()
         stores = {key: RowStore(_SparseBase(store.dense_csr()), self.n) for key, store in self.stores.items()}
         return GalleryState(self.params, self.n, GraphStore(_GraphBase(index, sim), self.n), stores)
+
+    def prepare(self) -> None:
+        """Index the overlay layers' columns and sum the rows now (the writer pays, not the next search)."""
+        for store in self.stores.values():
+            for layer in (store.settled, store.recent):
+                if len(layer):
+                    layer.columns(self.n)
+            store.sums()
 
     def warm_up(self) -> None:
         """Build the lazily derived lookups (reverse graph index, column indexes, row sums) and

@@ -514,12 +514,14 @@ class GalleryIndex:
         return rows, sim
 
     def image_path(self, item: GalleryItem, thumbnail: bool = False) -> Path | None:
-        """The stored image (or its thumbnail) of an item; names are validated content hashes."""
+        """The stored image (or its thumbnail, made again if it was lost) of an item; names are
+        validated content hashes."""
         if item.image is None or not _SHA_FILE_RE.match(item.image):
             return None
-        if thumbnail:
-            return self.root / "thumbs" / (item.image.split(".")[0] + ".jpg")
-        return self.root / "images" / item.image
+        image = self.root / "images" / item.image
+        if thumbnail and image.is_file():
+            return ensure_thumbnail(self.root, item.image)
+        return self.root / "thumbs" / (item.image.split(".")[0] + ".jpg") if thumbnail else image
 
     def needs_compaction(self) -> bool:
         return len(self.manifest["deltas"]) >= COMPACT_DELTAS or self.state.overlay_fraction() > COMPACT_FRACTION
@@ -612,25 +614,36 @@ def _writer_lock(root: Path) -> Iterator[None]:
 
 
 def store_file(root: Path, folder: str, data: bytes, suffix: str, *, sync_folder: bool = True) -> str:
-    """Write ``data`` content-addressed under ``root/folder`` (atomic, idempotent); its file name."""
+    """Write ``data`` content-addressed under ``root/folder`` (atomic, idempotent); its file name.
+    Leftovers of killed writers there are collected by :func:`collect_garbage`, not looked for here
+    (the folder may hold a file per gallery item)."""
     name = f"{hashlib.sha256(data).hexdigest()}.{suffix}"
     path = root / folder / name
     if not path.exists():
-        write_bytes_atomic(path, data, sync_folder=sync_folder)
+        write_bytes_atomic(path, data, sync_folder=sync_folder, clean_stale=False)
     return name
 
 
-def _store_image(root: Path, data: bytes) -> str:
-    """The image and its thumbnail, content-addressed (folders synced by the caller)."""
-    image = decode_image(data, "enrolled image")
-    suffix = _IMAGE_SUFFIX.get(Image.open(io.BytesIO(data), formats=IMAGE_FORMATS).format or "", "img")
-    name = store_file(root, "images", data, suffix, sync_folder=False)
-    thumb = root / "thumbs" / (name.split(".")[0] + ".jpg")
-    if not thumb.exists():
+def ensure_thumbnail(root: Path, image_name: str, image: Image.Image | None = None) -> Path:
+    """The thumbnail of a stored image, made now if it is missing. Thumbnails are not synced to
+    disk when written: after a power failure one may be missing and is simply made again."""
+    path = root / "thumbs" / (image_name.split(".")[0] + ".jpg")
+    if not path.is_file() or path.stat().st_size == 0:
+        if image is None:
+            image = decode_image((root / "images" / image_name).read_bytes(), image_name)
         image.thumbnail(THUMBNAIL_SIZE)
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=85)
-        write_bytes_atomic(thumb, out.getvalue(), sync_folder=False)
+        write_bytes_atomic(path, out.getvalue(), clean_stale=False, durable=False)
+    return path
+
+
+def _store_image(root: Path, data: bytes) -> str:
+    """The image (durable; its folder is synced by the caller) and its thumbnail, content-addressed."""
+    image = decode_image(data, "enrolled image")
+    suffix = _IMAGE_SUFFIX.get(Image.open(io.BytesIO(data), formats=IMAGE_FORMATS).format or "", "img")
+    name = store_file(root, "images", data, suffix, sync_folder=False)
+    ensure_thumbnail(root, name, image)
     return name
 
 
@@ -644,7 +657,6 @@ def _store_images(root: Path, images: Sequence[NewImage]) -> list[GalleryItem]:
         items.append(item)
     if any(new.data is not None for new in images):
         fsync_folder(root / "images")
-        fsync_folder(root / "thumbs")
     return items
 
 
@@ -1053,12 +1065,11 @@ def verify_index(root: str | os.PathLike[str], *, images: bool = True) -> dict[s
     missing = 0
     if images:
         for name in stored:
-            item = GalleryItem(name="", image=name)
-            files = [index.image_path(item), index.image_path(item, thumbnail=True)]
-            if any(f is None or not f.is_file() for f in files):
+            path = index.image_path(GalleryItem(name="", image=name))
+            if path is None or not path.is_file():
                 missing += 1
         if missing:
-            raise _damaged(root / "images", f"{missing} stored image(s) or thumbnail(s) missing")
+            raise _damaged(root / "images", f"{missing} stored image(s) missing")
     model = index.model_file
     if model is not None and not model.is_file():
         raise _damaged(model, "model file missing")
