@@ -17,14 +17,8 @@ import pytest
 from test_serve_support import make_checkpoint, person_image, write_gallery
 from vireid.cli import main
 from vireid.errors import InputError
-from vireid.retrieval.single import (
-    GalleryState,
-    SingleQueryParams,
-    aim_from_candidates,
-    l2_normalize_rows,
-    query_distance,
-    top_k,
-)
+from vireid.retrieval.gallery_state import GalleryState, SingleQueryParams
+from vireid.retrieval.single import aim_from_candidates, l2_normalize_rows, query_distance, top_k
 from vireid.serve.index import (
     GalleryIndex,
     GalleryItem,

@@ -67,7 +67,7 @@ def build_image_index(folder: Path, pids: range = range(1, 9), per_pid: int = 3)
     """An index of synthetic gallery images encoded by an exported tiny model; returns its folder."""
     from vireid.data.records import Modality
     from vireid.engine.checkpoint import load_checkpoint_model
-    from vireid.retrieval.single import SingleQueryParams
+    from vireid.retrieval.gallery_state import SingleQueryParams
     from vireid.serve.encoder import export_onnx, load_encoder, transform_summary
     from vireid.serve.enrol import encode_sources
     from vireid.serve.index import IndexSettings, build_index, store_model

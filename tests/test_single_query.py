@@ -12,14 +12,8 @@ from vireid.errors import InputError
 from vireid.retrieval import rerank
 from vireid.retrieval.graph import NeighbourGraph
 from vireid.retrieval.kreciprocal import half_reciprocal_sets
-from vireid.retrieval.single import (
-    SINGLE_QUERY_METHODS,
-    GalleryState,
-    SingleQueryParams,
-    StateDelta,
-    l2_normalize_rows,
-    rank_single,
-)
+from vireid.retrieval.gallery_state import SINGLE_QUERY_METHODS, GalleryState, SingleQueryParams, StateDelta
+from vireid.retrieval.single import l2_normalize_rows, rank_single
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +50,9 @@ def test_parameters_come_from_the_presets() -> None:
 
 @pytest.mark.parametrize("recent_rows", [1024, 30])  # changed rows in the recent layer only, or folded too
 def test_a_grown_gallery_equals_one_built_at_once(golden, recent_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vireid.retrieval import single
+    from vireid.retrieval import gallery_state
 
-    monkeypatch.setattr(single, "_RECENT_ROWS", recent_rows)
+    monkeypatch.setattr(gallery_state, "_RECENT_ROWS", recent_rows)
     queries, gallery = golden
     params = SingleQueryParams.resolve("sysu-multishot")  # k1 20 / k2 6: every structure non-trivial
     state = GalleryState.build(gallery[:900], params, knn="exact")

@@ -102,7 +102,7 @@ def _encode(args: argparse.Namespace, model_path: Path, sources):
 
 def _rerank_params(args: argparse.Namespace):
     from vireid.errors import InputError
-    from vireid.retrieval.single import SingleQueryParams
+    from vireid.retrieval.gallery_state import SingleQueryParams
 
     per_method: dict[str, dict[str, str]] = {}
     for key, value in parse_key_values(args.param, "--param", typed=False).items():

@@ -48,7 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vireid.data.records import Modality
 from vireid.errors import InputError
-from vireid.retrieval.single import SINGLE_QUERY_METHODS
+from vireid.retrieval.gallery_state import SINGLE_QUERY_METHODS
 from vireid.serve.encoder import (
     MAX_ASPECT_RATIO,
     MAX_DECODE_BYTES,

@@ -52,15 +52,8 @@ from PIL import Image
 from vireid.errors import InputError
 from vireid.io import PendingFile, atomic_path, fsync_folder, remove_stale_temporaries, save_npz_atomic, write_bytes_atomic
 from vireid.retrieval.knn import IvfParams, NeighbourIndex
-from vireid.retrieval.single import (
-    GalleryState,
-    SingleQueryParams,
-    StateDelta,
-    aim_from_candidates,
-    l2_normalize_rows,
-    query_distance,
-    top_k,
-)
+from vireid.retrieval.gallery_state import GalleryState, SingleQueryParams, StateDelta
+from vireid.retrieval.single import aim_from_candidates, l2_normalize_rows, query_distance, top_k
 from vireid.serve.encoder import IMAGE_FORMATS, decode_image
 from vireid.serve.quantized import QuantizedGallery
 
