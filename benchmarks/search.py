@@ -107,21 +107,20 @@ def aim_stages(index, queries: np.ndarray, topk: int) -> dict[str, float]:
     """Median ms of each stage of an ``aim`` search: the similarity pass (full scan, or first stage
     with exact re-scoring of its candidates), AIM's re-ranking, the top-k selection and the
     metadata lookup in SQLite."""
-    from vireid.serve.rerank import aim_distance, aim_on_candidates, gallery_similarity, l2_normalize_rows, top_k
+    from vireid.retrieval.single import aim_from_candidates, aim_query, l2_normalize_rows, top_k
 
-    k1 = index.settings.params.aim_k1
     stages: dict[str, list[float]] = {"similarity": [], "aim": [], "top-k": [], "metadata": []}
     for q in queries:
         unit = l2_normalize_rows(q[None])[0]
         t0 = time.perf_counter()
         if index.first_stage == "scan":
-            sim = gallery_similarity(unit, index._scan)
+            sim = index.similarity(unit)
             t1 = time.perf_counter()
-            rows, dist = np.arange(index.count), aim_distance(sim, index.structures, k1)
+            rows, dist = np.arange(index.count), aim_query(sim, index.state)
         else:
             cand, cand_sim = index.first_stage_candidates(unit, topk)
             t1 = time.perf_counter()
-            rows, dist = aim_on_candidates(unit, index.feats, index.structures, k1, cand, cand_sim, keep=topk)
+            rows, dist = aim_from_candidates(unit, index.feats, index.state, cand, cand_sim, keep=topk)
         t2 = time.perf_counter()
         best = rows[top_k(dist, topk)]
         t3 = time.perf_counter()

@@ -98,7 +98,7 @@ def _bad_cases(small: Path, tmp: Path) -> list[tuple[list[str], str]]:
     cases = [
         ([str(_rewrite(small, gallery_cam=None))], "missing key(s) gallery_cam"),
         ([str(_rewrite(small, query_feat=nan_q))], "query_feat has a non-finite value (nan) at row 2"),
-        ([str(_rewrite(small, gallery_feat=np.zeros((24, 5), np.float32)))], "feature dimensions differ"),
+        ([str(_rewrite(small, gallery_feat=np.ones((24, 5), np.float32)))], "feature dimensions differ"),
         ([str(_rewrite(small, query_id=np.arange(17)))], "query_id has 17 entries"),
         ([str(_rewrite(small, query_feat=np.zeros((0, 8), np.float32), query_id=np.zeros(0, np.int64),
                        query_cam=np.zeros(0, np.int64)))], "query_feat is empty"),

@@ -17,6 +17,8 @@ import pytest
 from test_serve_support import make_checkpoint, person_image, write_gallery
 from vireid.cli import main
 from vireid.errors import InputError
+from vireid.retrieval.gallery_state import GalleryState, SingleQueryParams
+from vireid.retrieval.single import aim_from_candidates, l2_normalize_rows, query_distance, top_k
 from vireid.serve.index import (
     GalleryIndex,
     GalleryItem,
@@ -24,60 +26,43 @@ from vireid.serve.index import (
     NewImage,
     add_to_index,
     build_index,
+    WRITING_MARKER,
     collect_garbage,
     store_file,
+    verify_index,
 )
 from vireid.serve.quantized import QuantizedGallery
-from vireid.serve.rerank import (
-    RerankParams,
-    aim_on_candidates,
-    build_structures,
-    extend_graph,
-    gallery_graph,
-    l2_normalize_rows,
-    rerank_distance,
-    top_k,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _structures(gallery: np.ndarray, params: RerankParams):
-    return build_structures(gallery, gallery_graph(gallery, params.graph_k(), "exact"), params)
+def _state(gallery: np.ndarray, preset: str | None = None, **params: dict) -> GalleryState:
+    return GalleryState.build(gallery, SingleQueryParams.resolve(preset, params), knn="exact")
 
 
-@pytest.mark.parametrize(("method", "k1", "k2", "key"), [
-    ("plain", 20, 6, "dist_plain"), ("aim", 4, 1, "dist_aim_4_1"), ("aim", 20, 6, "dist_aim_20_6"),
-    ("mnnr", 20, 6, "dist_mnnr"), ("sim", 20, 6, "dist_sim"),
-])
-def test_single_query_rerank_reproduces_reference_rows(sysu_golden, method: str, k1: int, k2: int, key: str) -> None:
+@pytest.mark.parametrize(("k1", "k2", "key"), [(4, 1, "dist_aim_4_1"), (20, 6, "dist_aim_20_6")])
+def test_single_query_aim_reproduces_reference_rows(sysu_golden, k1: int, k2: int, key: str) -> None:
+    """SAAI's AIM rows (golden reference matrices) from the index's structures, one query at a time."""
     queries = l2_normalize_rows(sysu_golden["query_feat"])
     gallery = l2_normalize_rows(sysu_golden["gallery_feat"])
-    params = RerankParams(aim_k1=k1, aim_k2=k2)
-    structures = _structures(gallery, params)
-    got = np.stack([rerank_distance(queries[i], gallery, structures, method, params) for i in sysu_golden["rows"]])
+    state = _state(gallery, aim={"k1": k1, "k2": k2})
+    rows = sysu_golden["rows"]
+    got = np.stack([query_distance("aim", gallery @ queries[i], state) for i in rows])
     np.testing.assert_allclose(got, sysu_golden[key], atol=2e-5)
+    plain = np.stack([query_distance("plain", gallery @ queries[i], state) for i in rows])
+    np.testing.assert_allclose(plain, sysu_golden["dist_plain"], atol=2e-5)
 
 
 def test_single_query_krr_ranks_better_than_plain(sysu_golden) -> None:
     queries = l2_normalize_rows(sysu_golden["query_feat"])
     gallery = l2_normalize_rows(sysu_golden["gallery_feat"])
-    params = RerankParams()
-    structures = _structures(gallery, params)
+    state = _state(gallery)
 
     def rank1(method: str) -> float:
-        best = [np.argmin(rerank_distance(q, gallery, structures, method, params)) for q in queries]
+        best = [np.argmin(query_distance(method, gallery @ q, state)) for q in queries]
         return float(np.mean(sysu_golden["gallery_id"][best] == sysu_golden["query_id"]))
 
     assert rank1("krr") > rank1("plain") + 0.1
-
-
-def test_extended_graph_equals_exact_graph() -> None:
-    feats = l2_normalize_rows(np.random.default_rng(0).standard_normal((300, 16)))
-    full = gallery_graph(feats, 12, "exact")
-    grown = extend_graph(gallery_graph(feats[:250], 12, "exact"), feats, 50, 12)
-    np.testing.assert_array_equal(grown.index, full.index)
-    np.testing.assert_allclose(grown.sim, full.sim, atol=1e-6)
 
 
 def _items(n: int, start: int = 0) -> list[NewImage]:
@@ -88,22 +73,23 @@ def test_add_gives_the_same_results_as_a_full_build(tmp_path: Path, sysu_golden)
     gallery = sysu_golden["gallery_feat"]
     settings = IndexSettings(knn="exact")
     build_index(tmp_path / "grown", gallery[:900], _items(900), settings=settings)
-    version, ids = add_to_index(tmp_path / "grown", gallery[900:1000], _items(100, 900))
-    assert version == "v000002" and ids == range(900, 1000)
-    add_to_index(tmp_path / "grown", gallery[1000:], _items(len(gallery) - 1000, 1000))
+    grown, ids = add_to_index(tmp_path / "grown", gallery[900:1000], _items(100, 900))
+    assert grown.version == "v000002" and ids == list(range(900, 1000))
+    for start in range(1000, len(gallery), 31):  # enrolments of a few items each
+        grown, _ = add_to_index(tmp_path / "grown", gallery[start:start + 31], _items(len(gallery[start:start + 31]), start))
     build_index(tmp_path / "full", gallery, _items(len(gallery)), settings=settings)
-    grown, full = GalleryIndex.open(tmp_path / "grown"), GalleryIndex.open(tmp_path / "full")
-    grown.verify()
-    assert grown.version == "v000003" and grown.count == full.count == len(gallery)
+    full = GalleryIndex.open(tmp_path / "full")
+    reloaded = GalleryIndex.open(tmp_path / "grown")
+    assert len(reloaded.manifest["deltas"]) >= 3  # appended, not rebuilt
+    assert reloaded.count == grown.count == full.count == len(gallery)
     for query in sysu_golden["query_feat"][::50]:
-        for method in ("plain", "aim", "sim", "krr"):
-            a, b = grown.search(query, method, 10), full.search(query, method, 10)
-            assert [h.index for h in a] == [h.index for h in b]
-            np.testing.assert_allclose([h.distance for h in a], [h.distance for h in b], atol=1e-5)
-    assert grown.item(1050) == GalleryItem(name="item1050", pid=350, cam=1)
-    # only the live and the previous version are kept; every kept segment is referenced
-    assert sorted(p.name for p in (tmp_path / "grown" / "versions").iterdir()) == ["v000002", "v000003"]
-    assert len(list((tmp_path / "grown" / "segments").iterdir())) == 3
+        for method in ("plain", "aim", "sgr", "mnnr", "sim", "krr"):
+            b = full.search(query, method, 10)
+            for index in (grown, reloaded):
+                a = index.search(query, method, 10)
+                assert [h.index for h in a] == [h.index for h in b]
+                np.testing.assert_allclose([h.distance for h in a], [h.distance for h in b], atol=1e-5)
+    assert reloaded.item(1050) == GalleryItem(name="item1050", pid=350, cam=1)
 
 
 def test_float16_scan_keeps_the_ranking(tmp_path: Path, sysu_golden) -> None:
@@ -112,6 +98,8 @@ def test_float16_scan_keeps_the_ranking(tmp_path: Path, sysu_golden) -> None:
     half = GalleryIndex.open(tmp_path, scan_dtype="float16", first_stage="scan")
     query = sysu_golden["query_feat"][0]
     assert [h.index for h in exact.search(query, "aim", 5)] == [h.index for h in half.search(query, "aim", 5)]
+    grown, ids = add_to_index(tmp_path, query[None] + 0.01, _items(1, 5000), current=half)  # the half copy grows too
+    assert grown.search(query, "aim", 1)[0].index == ids[0] and grown.similarity(query / np.linalg.norm(query)).shape == (grown.count,)
 
 
 def test_candidate_search_equals_full_scan_when_every_list_is_probed(tmp_path: Path, sysu_golden) -> None:
@@ -129,8 +117,8 @@ def test_int8_first_stage_equals_full_scan(tmp_path: Path, sysu_golden) -> None:
     gallery = sysu_golden["gallery_feat"]
     build_index(tmp_path, gallery, _items(len(gallery)))
     exact = GalleryIndex.open(tmp_path, first_stage="scan")
-    fast = GalleryIndex.open(tmp_path, first_stage="int8", candidates=1)  # keeps 2·max(topk, k1) = 40 items
-    assert fast.first_stage_candidates(l2_normalize_rows(gallery[:1])[0], 10)[0].shape == (40,)
+    fast = GalleryIndex.open(tmp_path, first_stage="int8", candidates=1)  # keeps 2·max(topk, k1) = 60 items (AIM k1 30)
+    assert fast.first_stage_candidates(l2_normalize_rows(gallery[:1])[0], 10)[0].shape == (60,)
     for query in sysu_golden["query_feat"][::10]:
         for method in ("plain", "aim", "sim"):
             a, b = exact.search(query, method, 10), fast.search(query, method, 10)
@@ -140,14 +128,13 @@ def test_int8_first_stage_equals_full_scan(tmp_path: Path, sysu_golden) -> None:
 
 def test_aim_on_the_true_nearest_candidates_equals_the_full_scan(sysu_golden) -> None:
     gallery = l2_normalize_rows(sysu_golden["gallery_feat"])
-    params = RerankParams()
-    structures = _structures(gallery, params)
+    state = _state(gallery, aim={"k1": 20, "k2": 6})
     for query in l2_normalize_rows(sysu_golden["query_feat"][::25]):
-        full = rerank_distance(query, gallery, structures, "aim", params)
+        full = query_distance("aim", gallery @ query, state)
         sim = gallery @ query
         cand = np.argsort(-sim)[:40]
         for keep in (None, 10):
-            rows, dist = aim_on_candidates(query, gallery, structures, params.aim_k1, cand, sim[cand], keep=keep)
+            rows, dist = aim_from_candidates(query, gallery, state, cand, sim[cand], keep=keep)
             best = np.argsort(dist, kind="stable")[:10]
             np.testing.assert_array_equal(rows[best], top_k(full, 10))
             np.testing.assert_allclose(dist[best], full[rows[best]], atol=1e-5)
@@ -185,6 +172,8 @@ def test_bad_inputs_name_the_problem(tmp_path: Path) -> None:
     build_index(tmp_path, np.random.default_rng(1).standard_normal((30, 8)), _items(30))
     with pytest.raises(InputError, match="d=9"):
         add_to_index(tmp_path, np.ones((1, 9)), _items(1))
+    with pytest.raises(InputError, match="already holds an index"):
+        build_index(tmp_path, np.ones((2, 8)), _items(2))
     with pytest.raises(InputError, match="unknown re-ranking"):
         GalleryIndex.open(tmp_path).search(np.ones(8), "best", 3)
     with pytest.raises(InputError, match="first stage"):
@@ -216,8 +205,8 @@ def test_cli_build_search_and_add(image_index: dict[str, Path], tmp_path: Path, 
     manifest.write_text("path,person_id,camera,time\n" + "".join(
         f"{p},{5 + i // 4},3,2026-01-0{1 + i % 4}T00:00:00Z\n" for i, p in enumerate(sorted(image_index["more"].iterdir()))))
     assert main(["index", "add", str(index), "--images", str(manifest)]) == 0
+    assert verify_index(index)["count"] == 12 + 48
     loaded = GalleryIndex.open(index)
-    loaded.verify()
     assert loaded.count == 12 + 48
     assert loaded.item(12).pid == 5 and loaded.item(12).cam == 3 and loaded.item(12).time == "2026-01-01T00:00:00Z"
     assert loaded.image_path(loaded.item(12), thumbnail=True).is_file()
@@ -250,18 +239,18 @@ def test_sigkill_during_build_or_add_leaves_the_previous_index(image_index: dict
     more = str(image_index["more"])
     runs = {
         "early": _start(["index", "add", str(copies["early"]), "--images", more], "encoded 16/48"),
-        "late": _start(["index", "add", str(copies["late"]), "--images", more], "writing version"),
+        "late": _start(["index", "add", str(copies["late"]), "--images", more], "committing"),
         "fresh": _start(["index", "build", "--model", str(image_index["onnx"]), "--images", more,
                              "--out", str(tmp_path / "fresh")], "encoded 16/48"),
     }
     with ThreadPoolExecutor(len(runs)) as pool:  # watch all three at once
         killed = dict(zip(runs, pool.map(lambda run: _kill_at(*run), runs.values())))
     assert killed["early"] and killed["fresh"]
+    verify_index(copies["early"])
     early = GalleryIndex.open(copies["early"])
-    early.verify()
     assert early.count == 12 and early.version == "v000001"
+    verify_index(copies["late"])
     late = GalleryIndex.open(copies["late"])  # killed while writing: the old version, or the finished new one
-    late.verify()
     assert late.count in (12, 60)
     # images the killed writer had copied in are removed; every referenced one stays
     if late.count == 12:
@@ -273,9 +262,9 @@ def test_sigkill_during_build_or_add_leaves_the_previous_index(image_index: dict
         GalleryIndex.open(tmp_path / "fresh")
     # the next writer clears the leftovers and succeeds
     assert main(["index", "add", str(copies["early"]), "--images", more]) == 0
+    verify_index(copies["early"])
     grown = GalleryIndex.open(copies["early"])
-    grown.verify()
-    assert grown.count == 60 and not list((copies["early"] / "versions").glob(".tmp-*"))
+    assert grown.count == 60 and not list((copies["early"] / "versions").glob(".*.tmp"))
 
 
 def _stored(root: Path) -> dict[str, set[str]]:
@@ -300,7 +289,7 @@ def _plant_orphans(root: Path) -> str:
     half-written temporary file; returns the orphan image's name."""
     orphan = store_file(root, "images", person_image(99, 0), "jpg")
     (root / "thumbs" / (orphan.split(".")[0] + ".jpg")).write_bytes(b"thumbnail")
-    (root / "images" / f".{'c' * 64}.png.x7_k2q.png.tmp").write_bytes(b"partial")
+    (root / "images" / f".{'c' * 64}.png.x7_k2q9a.png.tmp").write_bytes(b"partial")
     return orphan
 
 
@@ -315,18 +304,20 @@ def test_gc_removes_orphaned_images_and_keeps_referenced_ones(tmp_path: Path) ->
     outside.parent.mkdir()
     outside.write_bytes(person_image(5, 5))
     (root / "images" / outside.name).symlink_to(outside)  # unlinked, never followed
-    assert collect_garbage(root) == 4
+    removed = collect_garbage(root)
+    assert removed["images"] == 3 and removed["files"] == 1  # image, thumbnail, link; the temporary file
     assert _stored(root) == {"images": before["images"] | {"notes.txt"}, "thumbs": before["thumbs"]}
     assert outside.is_file()
     index = GalleryIndex.open(root, first_stage="scan")
     assert all(index.image_path(index.item(i), thumbnail=t).is_file() for i in range(6) for t in (False, True))
 
 
-def test_next_add_removes_orphaned_images(tmp_path: Path) -> None:
+def test_next_add_removes_the_images_of_a_killed_writer(tmp_path: Path) -> None:
     root = tmp_path / "index"
     feats = np.random.default_rng(1).standard_normal((9, 8))
     build_index(root, feats[:6], _image_items(range(1, 7)))
     orphan = _plant_orphans(root)
+    (root / WRITING_MARKER).touch()  # a writer storing images was killed
     add_to_index(root, feats[6:], _image_items(range(7, 10)))
     images = _referenced(root)
     assert len(images) == 9 and orphan not in images
@@ -338,7 +329,8 @@ def test_gc_deletes_nothing_when_a_kept_version_is_unreadable(tmp_path: Path) ->
     feats = np.random.default_rng(2).standard_normal((9, 8))
     build_index(root, feats[:6], _image_items(range(1, 7)))
     add_to_index(root, feats[6:], _image_items(range(7, 10)))
-    (root / "versions" / "v000001" / "gallery.sqlite").write_bytes(b"not a database")
+    metadata = GalleryIndex.open(root).metadata_path
+    metadata.write_bytes(b"not a database")
     orphan = _plant_orphans(root)
-    assert collect_garbage(root) == 0
+    assert collect_garbage(root)["images"] == 0
     assert orphan in _stored(root)["images"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +58,16 @@ def write_gallery(folder: Path, pids: range, per_pid: int, start_variant: int = 
     return paths
 
 
+#: Re-ranking neighbourhoods sized for a gallery of 3 images per person (the papers' suit thousands).
+SMALL_GALLERY_PARAMS = {"aim": {"k1": 4, "k2": 2}, "sgr": {"k_graph": 4, "K": 3}, "mnnr": {"kq": 3, "kg": 3},
+                        "sim": {"k_graph": 4, "K": 3, "kq": 3, "kg": 3}, "krr": {"k1": 3, "k2": 2}}
+
+
 def build_image_index(folder: Path, pids: range = range(1, 9), per_pid: int = 3) -> Path:
     """An index of synthetic gallery images encoded by an exported tiny model; returns its folder."""
     from vireid.data.records import Modality
     from vireid.engine.checkpoint import load_checkpoint_model
+    from vireid.retrieval.gallery_state import SingleQueryParams
     from vireid.serve.encoder import export_onnx, load_encoder, transform_summary
     from vireid.serve.enrol import encode_sources
     from vireid.serve.index import IndexSettings, build_index, store_model
@@ -72,7 +81,8 @@ def build_image_index(folder: Path, pids: range = range(1, 9), per_pid: int = 3)
     feats, images = encode_sources(encoder, gallery_sources(folder / "gallery", Modality.VISIBLE))
     index = folder / "index"
     model_entry = store_model(index, onnx, {"kind": "onnx", "transform": transform_summary(encoder.transform)})
-    build_index(index, feats, images, settings=IndexSettings(), model=model_entry)
+    settings = IndexSettings(rerank=SingleQueryParams.resolve(params=SMALL_GALLERY_PARAMS))
+    build_index(index, feats, images, settings=settings, model=model_entry)
     return index
 
 
@@ -109,3 +119,146 @@ class RunningServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+class ServerProcess:
+    """``vireid serve INDEX`` in its own process on a free loopback port (so that its memory and
+    its temporary files can be measured); ``env`` adds variables (a token, ``TMPDIR``)."""
+
+    def __init__(self, index: Path, *args: str, env: dict[str, str] | None = None, src: Path | None = None) -> None:
+        import os
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", "vireid", "serve", str(index), "--host", "127.0.0.1",
+                        "--port", str(self.port), *args]
+        self.env = {**os.environ, "PYTHONPATH": str(src or Path(__file__).resolve().parents[1] / "src"), **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> "ServerProcess":
+        import time
+
+        import httpx
+
+        self.proc = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def memory_kib(self, field: str = "VmRSS") -> int:
+        """``VmRSS`` (resident now) or ``VmHWM`` (peak) of the server, KiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def open_file_bytes(self, folder: Path) -> int:
+        """Bytes in the regular files the server holds open under ``folder`` (deleted ones too:
+        spooled uploads are unnamed temporary files)."""
+        import os
+
+        total = 0
+        fds = Path(f"/proc/{self.pid}/fd")
+        for fd in list(fds.iterdir()) if fds.is_dir() else []:
+            try:
+                if os.readlink(fd).startswith(str(folder)):
+                    total += os.stat(fd).st_size
+            except OSError:
+                continue
+        return total
+
+
+class ResourceSampler:
+    """Samples a :class:`ServerProcess`'s resident memory and open temporary-file bytes every few
+    milliseconds while a ``with`` block runs; ``peak_rss_mib`` and ``peak_disk_mib`` above the start."""
+
+    def __init__(self, server: ServerProcess, spool: Path, interval: float = 0.005) -> None:
+        self.server, self.spool, self.interval = server, spool, interval
+        self.peak_rss_mib = self.peak_disk_mib = 0.0
+
+    def __enter__(self) -> "ResourceSampler":
+        import threading
+
+        self._start_rss = self.server.memory_kib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                rss = (self.server.memory_kib() - self._start_rss) / 1024
+                disk = self.server.open_file_bytes(self.spool) / 2**20
+            except (OSError, KeyError):
+                return
+            self.peak_rss_mib, self.peak_disk_mib = max(self.peak_rss_mib, rss), max(self.peak_disk_mib, disk)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def send_raw(url: str, method: str, path: str, headers: dict[str, str], body_chunks: Iterator[bytes],
+             chunked: bool = True, timeout: float = 60.0) -> int | None:
+    """Send a request over a plain socket, the body as it comes (chunked transfer encoding unless
+    ``chunked`` is False and a Content-Length header is given); stop sending when the server has
+    closed the connection. Returns the response status, None when no response came."""
+    import socket
+    from urllib.parse import urlparse
+
+    parts = urlparse(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        head = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}"] + [f"{k}: {v}" for k, v in headers.items()]
+        if chunked:
+            head.append("Transfer-Encoding: chunked")
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        try:
+            for chunk in body_chunks:
+                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" if chunked else chunk)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            status_line = sock.recv(4096).split(b"\r\n", 1)[0].decode()
+        except (ConnectionResetError, TimeoutError, OSError):
+            return None
+    return int(status_line.split()[1]) if status_line.startswith("HTTP/") else None
+
+
+def multipart_stream(field: str, filename: str, size: int, boundary: str = "vireidboundary",
+                     chunk: int = 1 << 20) -> Iterator[bytes]:
+    """A multipart body whose one file part holds ``size`` bytes, produced a chunk at a time."""
+    yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+           f"Content-Type: application/octet-stream\r\n\r\n").encode()
+    block = b"\xab" * chunk
+    for start in range(0, size, chunk):
+        yield block[: min(chunk, size - start)]
+    yield f"\r\n--{boundary}--\r\n".encode()

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,10 +126,11 @@ def load_features(path: str | os.PathLike[str]) -> FeatureSet:
     if not path.is_file():
         raise InputError(f"{path}: feature file not found")
     try:
-        z = np.load(path, allow_pickle=False)
-        arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
+        raise InputError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc}); "
+                         f"truncated or damaged?") from None
     missing = [k for k in REQUIRED_KEYS if k not in arrays]
     if missing:
         raise InputError(f"{path}: missing key(s) {', '.join(missing)} (required: {', '.join(REQUIRED_KEYS)})")
@@ -166,10 +169,21 @@ def validate_features(fs: FeatureSet, *, source: str) -> None:
             if len(arr) != feat.shape[0]:
                 raise InputError(
                     f"{source}: key {key} has {len(arr)} entries but {side}_feat has {feat.shape[0]} rows")
+        if feat.shape[1] == 0:
+            raise InputError(f"{source}: key {side}_feat has zero feature dimensions (shape {feat.shape})")
         bad = ~np.isfinite(feat)
         if bad.any():
             row, col = np.argwhere(bad)[0]
             raise InputError(f"{source}: key {side}_feat has a non-finite value ({feat[row, col]}) at row {row}, column {col}")
+        big = np.abs(feat) > np.finfo(np.float32).max
+        if big.any():
+            row, col = np.argwhere(big)[0]
+            raise InputError(f"{source}: key {side}_feat has a value beyond float32 ({feat[row, col]}) at row {row}, "
+                             f"column {col}")
+        zero = np.flatnonzero(~np.any(feat != 0, axis=1))
+        if len(zero):
+            raise InputError(f"{source}: key {side}_feat row {zero[0]} is all zero ({len(zero)} such row(s)): "
+                             f"a zero feature has no direction to compare")
     if fs.query_feat.shape[1] != fs.gallery_feat.shape[1]:
         raise InputError(
             f"{source}: feature dimensions differ: query_feat has d={fs.query_feat.shape[1]}, "

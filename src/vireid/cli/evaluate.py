@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import zipfile
+import zlib
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -124,9 +126,12 @@ def _load_npy(path: Path) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"{path}: distance file not found")
     try:
-        return np.load(path, allow_pickle=False, mmap_mode="r")
+        dist = np.load(path, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError, EOFError) as exc:
         raise InputError(f"{path}: not a readable .npy file ({exc})") from None
+    if not isinstance(dist, np.ndarray):
+        raise InputError(f"{path}: not a .npy array")
+    return dist
 
 
 def _load_ranked(path: Path) -> np.ndarray:
@@ -141,8 +146,10 @@ def _load_ranked(path: Path) -> np.ndarray:
             if "ranked_index" not in z.files:
                 raise InputError(f"{path}: missing key ranked_index (has: {', '.join(z.files) or 'nothing'})")
             return z["ranked_index"]
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise InputError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc}); truncated or damaged?") from None
 
 
 def _rerank_distance(args: argparse.Namespace, features: FeatureSet) -> tuple[DistanceFn, dict]:

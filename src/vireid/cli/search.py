@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("index", type=Path, help="index folder (from `vireid index build`)")
     parser.add_argument("--image", required=True, type=Path, help="query image")
     parser.add_argument("--modality", default="infrared", help="modality of the query image")
-    parser.add_argument("--rerank", default="aim", choices=("plain", "aim", "sim", "mnnr", "krr"), help="re-ranking")
+    parser.add_argument("--rerank", default="aim", choices=("plain", "aim", "sgr", "mnnr", "sim", "krr"),
+                        help="re-ranking (parameters: those the index was built with, `vireid index info`)")
     parser.add_argument("--topk", type=int, default=20, help="results to print")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime CPU threads")

@@ -54,3 +54,4 @@ def run(args: argparse.Namespace) -> int:
         line["best"] = {k: (f"{100 * v:.2f}%" if k in ("rank1", "rank5", "mAP", "mINP") else v) for k, v in best.items()}
     print(json.dumps(line))
     return 0
+

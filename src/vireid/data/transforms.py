@@ -57,7 +57,9 @@ def load_image(path: str | Path, height: int, width: int) -> Tensor:
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB").resize((width, height), Image.BILINEAR)
-    except (OSError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InputError(f"{path}: cannot read image ({exc})") from None
     array = np.asarray(rgb, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

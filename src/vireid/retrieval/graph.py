@@ -114,44 +114,58 @@ def reverse_neighbours(graph: NeighbourGraph, k: int) -> sp.csr_matrix:
     return forward.T.tocsr()
 
 
-def reciprocal_mask(graph: NeighbourGraph, k: int, *, progress: bool = False) -> np.ndarray:
-    """(N, k+1) bool: ``graph.index[i, c]`` has i among its own first k+1 neighbours (Zhong et al. Eq. 3)."""
+def reciprocal_mask(graph: NeighbourGraph, k: int, *, rows: np.ndarray | None = None,
+                    progress: bool = False) -> np.ndarray:
+    """(N, k+1) bool: ``graph.index[i, c]`` has i among its own first k+1 neighbours (Zhong et al. Eq. 3).
+
+    ``rows``: only these rows, in this order (``(len(rows), k+1)``).
+    """
     _require_columns(graph, k + 1, f"k-reciprocal sets with k={k}")
-    mask = np.empty((graph.n, k + 1), dtype=bool)
-    for start in tqdm(range(0, graph.n, _ROW_CHUNK), desc=f"reciprocal k={k}", disable=not progress):
-        rows = np.arange(start, min(start + _ROW_CHUNK, graph.n))
-        forward = graph.index[rows, : k + 1]
+    ids = np.arange(graph.n) if rows is None else np.asarray(rows, dtype=np.int64)
+    mask = np.empty((len(ids), k + 1), dtype=bool)
+    for start in tqdm(range(0, len(ids), _ROW_CHUNK), desc=f"reciprocal k={k}", disable=not progress):
+        chunk = ids[start:start + _ROW_CHUNK]
+        forward = graph.index[chunk, : k + 1]
         backward = graph.index[forward, : k + 1]
-        mask[rows] = (backward == rows[:, None, None]).any(axis=2)
+        mask[start:start + len(chunk)] = (backward == chunk[:, None, None]).any(axis=2)
     return mask
 
 
-def expanded_k_reciprocal_sets(graph: NeighbourGraph, k1: int, *, progress: bool = False) -> sp.csr_matrix:
+def expanded_k_reciprocal_sets(graph: NeighbourGraph, k1: int, *, rows: np.ndarray | None = None,
+                                progress: bool = False) -> sp.csr_matrix:
     """Zhong et al. Eq. 4–5: the k1-reciprocal set R(i), grown by each member's round(k1/2)-reciprocal
     set when more than 2/3 of that set lies in R(i). Returns the pattern of R*(i) as CSR (values 1).
 
+    ``rows``: only these rows, in this order (a ``(len(rows), N)`` matrix): what an incremental
+    update recomputes.
     Duplicates are removed chunk by chunk (a member's half-set repeats R(i)), so the transient
     memory is the size of the result, not of the up to (k1+1)·(h+2) raw entries per row.
     """
     half = int(np.around(k1 / 2.0))
-    recip = reciprocal_mask(graph, k1, progress=progress)
-    half_recip = reciprocal_mask(graph, half, progress=progress)
-    key_parts: list[np.ndarray] = []  # row · n + column, sorted and unique within each chunk
-    for start in tqdm(range(0, graph.n, _ROW_CHUNK), desc=f"expanded reciprocal k={k1}", disable=not progress):
-        rows = np.arange(start, min(start + _ROW_CHUNK, graph.n))
-        forward = graph.index[rows, : k1 + 1]
-        in_r = recip[rows]
+    ids = np.arange(graph.n) if rows is None else np.asarray(rows, dtype=np.int64)
+    recip = reciprocal_mask(graph, k1, rows=ids, progress=progress)
+    if rows is None:
+        hood, half_recip = None, reciprocal_mask(graph, half, progress=progress)
+    else:  # the half-sets of the rows' neighbours only
+        hood = np.unique(graph.index[ids, : k1 + 1])
+        half_recip = reciprocal_mask(graph, half, rows=hood)
+    key_parts: list[np.ndarray] = []  # position · n + column, sorted and unique within each chunk
+    for start in tqdm(range(0, len(ids), _ROW_CHUNK), desc=f"expanded reciprocal k={k1}", disable=not progress):
+        chunk = ids[start:start + _ROW_CHUNK]
+        positions = np.arange(start, start + len(chunk))
+        forward = graph.index[chunk, : k1 + 1]
+        in_r = recip[positions]
         r_members = np.where(in_r, forward, -1)                       # (B, k1+1)
         cand_half = graph.index[forward, : half + 1]                  # (B, k1+1, h+1)
-        cand_mask = half_recip[forward]                               # (B, k1+1, h+1)
+        cand_mask = half_recip[forward if hood is None else np.searchsorted(hood, forward)]  # (B, k1+1, h+1)
         inside = (cand_half[..., None] == r_members[:, None, None, :]).any(axis=3) & cand_mask
         grow = in_r & (inside.sum(axis=2) > (2.0 / 3.0) * cand_mask.sum(axis=2))
         added = cand_mask & grow[..., None]
-        b_rows = np.broadcast_to(rows[:, None], forward.shape)
-        b_rows_half = np.broadcast_to(rows[:, None, None], cand_half.shape)
+        b_rows = np.broadcast_to(positions[:, None], forward.shape)
+        b_rows_half = np.broadcast_to(positions[:, None, None], cand_half.shape)
         chunk_rows = np.concatenate([b_rows[in_r], b_rows_half[added]])
         chunk_cols = np.concatenate([forward[in_r], cand_half[added]])
         key_parts.append(np.unique(chunk_rows * np.int64(graph.n) + chunk_cols))
-    keys = np.concatenate(key_parts)  # chunks cover increasing rows: sorted overall
-    indptr = np.searchsorted(keys, np.arange(graph.n + 1, dtype=np.int64) * graph.n)
-    return sp.csr_matrix((np.ones(len(keys), dtype=np.float32), keys % graph.n, indptr), shape=(graph.n, graph.n))
+    keys = np.concatenate(key_parts) if key_parts else np.empty(0, np.int64)  # chunks cover increasing rows
+    indptr = np.searchsorted(keys, np.arange(len(ids) + 1, dtype=np.int64) * graph.n)
+    return sp.csr_matrix((np.ones(len(keys), dtype=np.float32), keys % graph.n, indptr), shape=(len(ids), graph.n))

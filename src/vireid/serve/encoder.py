@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import types
 import warnings
 from collections.abc import Iterator, Sequence
@@ -32,37 +33,80 @@ from vireid.io import atomic_path
 from vireid.models.backbone import TwoStreamBackbone
 from vireid.models.base import ReIDModel
 
-#: Largest decoded image accepted (pixels); bigger files are refused as decompression bombs.
-MAX_IMAGE_PIXELS = 40_000_000
+#: Largest decoded image accepted (pixels); bigger files are refused before their pixels are decoded.
+MAX_IMAGE_PIXELS = 16_000_000
+#: Largest ratio of the long to the short side (a person crop is about 1:2).
+MAX_ASPECT_RATIO = 16.0
+#: Largest memory one decode may take (bytes of the decoded image and its RGB copy).
+MAX_DECODE_BYTES = 256 * 1024 * 1024
 ONNX_METADATA_KEY = "vireid_preprocess"
 ONNX_TOLERANCE = 1e-4
 #: Formats decoded from untrusted bytes (no plugin that runs external programs, e.g. EPS).
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF")
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>|0x[0-9a-fA-F]{6,}")
 
 
 class ImageTooLarge(InputError):
-    """An image whose decoded size exceeds :data:`MAX_IMAGE_PIXELS`."""
+    """An image whose decoded size exceeds the limits (pixels, aspect ratio, memory)."""
 
 
-def decode_image(data: bytes, source: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def _bytes_per_pixel(mode: str) -> int:
+    try:
+        bands = Image.getmodebands(mode)
+    except (KeyError, ValueError):
+        bands = 4
+    depth = 4 if mode in ("I", "F", "RGBa", "La") or mode.startswith("I;32") else (2 if mode.startswith("I;16") else 1)
+    return bands * depth
+
+
+def decoded_bytes(width: int, height: int, mode: str) -> int:
+    """Memory of decoding a ``mode`` image and converting it to RGB."""
+    return width * height * (_bytes_per_pixel(mode) + 3)
+
+
+def check_image_size(width: int, height: int, mode: str, source: str, max_pixels: int = MAX_IMAGE_PIXELS,
+                     max_aspect: float = MAX_ASPECT_RATIO, max_bytes: int = MAX_DECODE_BYTES) -> None:
+    """Refuse a header's size before any pixel is decoded: pixels, aspect ratio, decode memory."""
+    if width < 1 or height < 1:
+        raise ImageTooLarge(f"{source}: image of {width}×{height} pixels has no area")
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{source}: image of {width}×{height} pixels exceeds the limit of {max_pixels} pixels")
+    if max(width, height) > max_aspect * min(width, height):
+        raise ImageTooLarge(f"{source}: image of {width}×{height} pixels is more elongated than {max_aspect:g}:1")
+    if decoded_bytes(width, height, mode) > max_bytes:
+        raise ImageTooLarge(f"{source}: decoding a {mode} image of {width}×{height} pixels would take more than "
+                            f"{max_bytes // (1024 * 1024)} MiB")
+
+
+def clean_message(text: str) -> str:
+    """An exception text without object reprs or heap addresses (``<_io.BytesIO object at 0x…>``)."""
+    return _ADDRESS.sub("the data", text)
+
+
+def decode_image(data: bytes, source: str, max_pixels: int = MAX_IMAGE_PIXELS, *,
+                 max_aspect: float = MAX_ASPECT_RATIO, max_bytes: int = MAX_DECODE_BYTES,
+                 reduce_to: tuple[int, int] | None = None) -> Image.Image:
     """Decode image bytes to RGB, refusing non-images (and formats outside :data:`IMAGE_FORMATS`),
-    truncated files and decompression bombs. The pixel count is checked from the header before
-    any pixel is decoded."""
+    truncated files and oversized images (:func:`check_image_size`, from the header, before any
+    pixel is decoded). ``reduce_to`` (width, height): a JPEG may be decoded at a reduced scale
+    no smaller than this (its DCT scaling), saving memory and time for large photos."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
-            if width * height > max_pixels or width < 1 or height < 1:
-                raise ImageTooLarge(f"{source}: image of {width}×{height} pixels exceeds the limit of {max_pixels} pixels")
+            check_image_size(width, height, image.mode, source, max_pixels, max_aspect, max_bytes)
+            if reduce_to is not None and image.format == "JPEG":
+                image.draft("RGB", reduce_to)
             image.load()
             return image.convert("RGB")
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"{source}: refused as a decompression bomb ({exc})") from None
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
-        raise InputError(f"{source}: not a readable image ({type(exc).__name__}: {exc})") from None
+        raise ImageTooLarge(f"{source}: refused as a decompression bomb ({clean_message(str(exc))})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as exc:
+        reason = "unknown or unsupported format" if isinstance(exc, Image.UnidentifiedImageError) else clean_message(str(exc))
+        raise InputError(f"{source}: not a readable image ({type(exc).__name__}: {reason})") from None
 
 
 def read_image_file(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,8 @@ def encode_sources(encoder: Encoder, sources: Sequence[tuple[Path, GalleryItem]]
                    progress: Progress | None = None, batch_size: int = ENCODE_BATCH) -> tuple[np.ndarray, list[NewImage]]:
     """Decode and encode every source (each with its item's modality stream), in order.
 
-    ``keep_images``: store the image bytes in the index (thumbnails and ``GET /gallery/{id}``).
+    ``keep_images``: store the image bytes in the index (thumbnails and ``GET /gallery/{id}``);
+    the content hash is kept either way (the same content is enrolled once).
     Reports ``encoded i/N images`` after every batch.
     """
     feats: list[np.ndarray] = []
@@ -35,7 +37,8 @@ def encode_sources(encoder: Encoder, sources: Sequence[tuple[Path, GalleryItem]]
                 rows = np.empty((len(chunk), part.shape[1]), np.float32)
             rows[members] = part
         feats.append(rows)
-        out += [NewImage(item=item, data=decoded[i][1] if keep_images else None) for i, (_, item) in enumerate(chunk)]
+        out += [NewImage(item=item, data=decoded[i][1] if keep_images else None,
+                         sha256=hashlib.sha256(decoded[i][1]).hexdigest()) for i, (_, item) in enumerate(chunk)]
         if progress is not None:
             progress(f"encoded {min(start + batch_size, total)}/{total} images")
     return np.concatenate(feats), out

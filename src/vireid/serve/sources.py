@@ -2,7 +2,8 @@
 
 Manifest columns (header row, any order): ``path`` (required; relative paths are resolved
 against the manifest's folder) and optionally ``person_id``, ``camera``, ``time``, ``modality``
-— the column names of :mod:`vireid.data.datasets.manifest`. Empty cells mean "unknown".
+— the column names of :mod:`vireid.data.datasets.manifest`. Empty cells mean "unknown". A folder
+is read without its hidden files and folders (``._x.jpg`` resource forks, ``.thumbs/``).
 """
 
 from __future__ import annotations
@@ -13,21 +14,27 @@ from pathlib import Path
 
 from vireid.data.records import Modality
 from vireid.errors import InputError
-from vireid.serve.index import GalleryItem
+from vireid.serve.index import GalleryItem, check_int64
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def gallery_sources(path: str | Path, modality: Modality) -> list[tuple[Path, GalleryItem]]:
-    """(image file, metadata) pairs from a folder (recursive, sorted) or a CSV manifest."""
+    """(image file, metadata) pairs from a folder (recursive, sorted), one image file or a CSV manifest."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
         return [(f, _item(f, str(f.relative_to(path)), modality, None, None, None)) for f in files]
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        return [(path, _item(path, path.name, modality, None, None, None))]
     if path.is_file():
-        return _from_manifest(path, modality)
+        try:
+            return _from_manifest(path, modality)
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: neither an image ({', '.join(IMAGE_SUFFIXES)}) nor a UTF-8 CSV manifest") from None
     raise InputError(f"{path}: no such folder or manifest")
 
 
@@ -73,6 +80,10 @@ def _int(cells: dict[str, str], key: str, manifest: Path, line: int) -> int | No
     if not value:
         return None
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise InputError(f"{manifest}, line {line}: column '{key}' must be an integer, got {value!r}") from None
+    try:
+        return check_int64(number, f"column '{key}'")
+    except InputError as exc:
+        raise InputError(f"{manifest}, line {line}: {exc}") from None

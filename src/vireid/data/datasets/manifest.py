@@ -79,6 +79,8 @@ def _parse_row(row: list[str], col: dict[str, int], base: Path, manifest: Path, 
         if not cell(name).isdigit():
             raise InputError(f"{manifest}, line {number}: {name} must be a non-negative integer, got {cell(name)!r}")
         values[name] = int(cell(name))
+        if values[name] > 2**63 - 1:
+            raise InputError(f"{manifest}, line {number}: {name} {cell(name)} is outside the 64-bit integer range")
     try:
         modality = Modality.parse(cell("modality"))
     except ValueError:

@@ -9,7 +9,25 @@ const dropText = document.getElementById("drop-text");
 const button = document.getElementById("search-button");
 const statusLine = document.getElementById("status");
 const results = document.getElementById("results");
+const indexInfo = document.getElementById("index-info");
+const tokenField = document.getElementById("token-field");
+const tokenInput = document.getElementById("token");
 let queryFile = null;
+let readsNeedToken = false;
+
+tokenInput.value = sessionStorage.getItem("vireid-token") || "";
+tokenInput.addEventListener("change", () => sessionStorage.setItem("vireid-token", tokenInput.value));
+
+function authHeaders() {
+  return readsNeedToken && tokenInput.value ? { Authorization: "Bearer " + tokenInput.value } : {};
+}
+
+// Thumbnails behind a token cannot be plain <img src> links: fetch them with the header.
+async function loadThumbnail(img, url) {
+  if (!readsNeedToken) { img.src = url; return; }
+  const response = await fetch(url, { headers: authHeaders() });
+  if (response.ok) img.src = URL.createObjectURL(await response.blob());
+}
 
 function setQuery(file) {
   if (!file) return;
@@ -44,9 +62,8 @@ function showResults(body) {
     card.dataset.id = hit.id;
     if (hit.thumbnail_url) {
       const img = document.createElement("img");
-      img.src = hit.thumbnail_url;
       img.alt = hit.name;
-      img.loading = "lazy";
+      loadThumbnail(img, hit.thumbnail_url);
       card.appendChild(img);
     }
     card.appendChild(text("span", "rank", "#" + hit.rank));
@@ -73,7 +90,7 @@ form.addEventListener("submit", async (event) => {
   button.disabled = true;
   statusLine.textContent = "searching…";
   try {
-    const response = await fetch("/search", { method: "POST", body: data });
+    const response = await fetch("/search", { method: "POST", body: data, headers: authHeaders() });
     const body = await response.json();
     if (!response.ok) {
       results.replaceChildren();
@@ -88,7 +105,20 @@ form.addEventListener("submit", async (event) => {
   }
 });
 
-fetch("/health").then((r) => r.json()).then((h) => {
-  document.getElementById("index-info").textContent =
-    h.count + " gallery images · index " + h.version + " · d = " + h.dim;
-});
+function showIndexError(reason) {
+  indexInfo.textContent = "index unavailable: " + reason;
+  indexInfo.classList.add("error");
+}
+
+fetch("/health").then(async (response) => {
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = (await response.json()).detail || detail; } catch (error) { /* not JSON */ }
+    showIndexError("HTTP " + response.status + " " + detail);
+    return;
+  }
+  const h = await response.json();
+  readsNeedToken = Boolean(h.auth && h.auth.reads);
+  tokenField.hidden = !readsNeedToken;
+  indexInfo.textContent = h.count + " gallery images · index " + h.version + " · d = " + h.dim;
+}).catch((error) => showIndexError(String(error)));
