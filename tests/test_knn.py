@@ -398,8 +398,70 @@ def test_pool_query_rows_are_tuned_as_queries():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"target": 0.0}, "recall target"), ({"target": 1.5}, "recall target"), ({"sample": 0}, "recall sample"),
-    ({"max_scan_fraction": 0.0}, "max_scan_fraction"), ({"exact_max_products": -1}, "exact_max_products"),
+    ({"max_scan_fraction": 0.0}, "max_scan_fraction"), ({"max_scan_fraction": 1.01}, "max_scan_fraction"),
+    ({"exact_max_products": -1}, "exact_max_products"), ({"sample": 2.5}, "recall sample"),
 ])
 def test_recall_target_validation(kwargs, message):
     with pytest.raises(InputError, match=message):
         RecallTarget(**kwargs)
+
+
+def test_report_lines_and_log_levels(caplog):
+    queries, base = distribution("lowrank", n=2000, n_query=100)
+    index = NeighbourIndex(base, "ivf", recall=RecallTarget(target=0.9, sample=100, exact_max_products=0), seed=9)
+    with caplog.at_level("INFO", logger="vireid.retrieval.knn"):
+        index.search(queries, 10)
+    report = index.reports[0]
+    assert report.outcome == "met" and report.target == 0.9 and 0 <= report.seconds < 60
+    (record,) = caplog.records
+    assert record.levelname == "INFO" and record.getMessage() == report.line() == (
+        f"knn query lists (100 rows, k=10): ivf nprobe {report.value}, recall@10 {report.recall:.4f} on 100 sampled "
+        f"rows, scanning {100 * report.scan_fraction:.1f} % of an exact search (target 0.9)")
+    fixed = NeighbourIndex(base, "hnsw", hnsw=HnswParams(ef_search=40))
+    fixed.search(queries, 50)
+    assert fixed.reports[0].line() == "knn query lists (100 rows, k=50): hnsw efSearch 50 (fixed; recall not measured)"
+    assert fixed.reports[0].target is None and fixed.reports[0].scan_fraction is None
+
+
+def test_exact_fallback_boundary_is_inclusive():
+    """Exact search is the fallback while rows x base inner products <= exact_max_products."""
+    queries, base = distribution("offset", n=1000, n_query=50)
+    for products, outcome in ((50 * 1000, "exact fallback"), (50 * 1000 - 1, "below target")):
+        index = NeighbourIndex(base, "ivf", ivf=IvfParams(nlist=64), seed=1, recall=RecallTarget(
+            target=1.0, sample=50, max_scan_fraction=0.08, exact_max_products=products))
+        index.search(queries, 10)
+        assert index.reports[0].outcome == outcome
+
+
+def test_hnsw_ef_search_ladder_and_cost():
+    queries, base = distribution("heavy", n=3000, n_query=150)
+    index = NeighbourIndex(base, "hnsw", hnsw=HnswParams(M=8, ef_construction=20), seed=2,
+                           recall=RecallTarget(target=0.97, sample=5000, max_scan_fraction=1.0, exact_max_products=0))
+    near, _ = index.search(queries, 20)
+    report = index.reports[0]
+    assert report.value in [20 * 2 ** i for i in range(12)] and report.outcome == "met"
+    assert report.recall == pytest.approx(true_recall(near, base, queries, self_search=False), abs=1e-12)
+    assert 0 < report.scan_fraction < 1
+    if report.value > 20:  # the previous ef of the ladder would not have reached the target
+        lower = NeighbourIndex(base, "hnsw", hnsw=HnswParams(M=8, ef_construction=20, ef_search=report.value // 2),
+                               seed=2)
+        assert true_recall(lower.search(queries, 20)[0], base, queries, self_search=False) < 0.97
+
+
+def test_scan_fraction_counts_only_the_searched_range():
+    """krr's query lists search the gallery part of the pool: the cost is the probed lists' members in it."""
+    queries, base = distribution("offset", n=3000, n_query=100)
+    pool = np.concatenate([queries, base])
+    index = NeighbourIndex(pool, "ivf", seed=3, recall=RecallTarget(target=0.95, sample=5000, exact_max_products=0))
+    near, _ = index.search(queries, 20, base_range=(100, len(pool)))
+    report = index.reports[0]
+    centroids = index._quantizer.reconstruct_n(0, index._quantizer.ntotal)
+    sizes = np.bincount(np.argmax(base @ centroids.T, axis=1), minlength=len(centroids))
+    probed = np.argsort(-(queries @ centroids.T), axis=1, kind="stable")[:, :report.value]
+    assert report.scan_fraction == pytest.approx(sizes[probed].sum(axis=1).mean() / len(base), rel=1e-3)
+    assert report.recall == pytest.approx(true_recall(near - 100, base, queries, self_search=False), abs=1e-12)
+
+
+def test_recall_target_accepts_its_boundaries():
+    target = RecallTarget(target=1.0, sample=1, max_scan_fraction=1.0, exact_max_products=0)
+    assert (target.target, target.sample, target.max_scan_fraction) == (1.0, 1, 1.0)
