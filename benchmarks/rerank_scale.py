@@ -24,10 +24,11 @@ gallery graph (k = 31: AIM's k1 + self) on ``S`` sampled gallery rows and of the
 (k = 100) for every nprobe of the targeting ladder, with the time of each scan of all rows
 extrapolated from its inner products.
 
-``--reference-cache FILE.json`` keeps the dense and the exact-kNN runs (``--compare``, or ``--knn exact``
-itself): they do not depend on the recall settings, so tuning those re-runs only the approximate side
-(the ``--fixed-baseline`` runs always run, beside the targeted ones, so that their time ratio comes
-from one job). A cached entry is keyed by the arguments that determine it (sizes,
+``--reference-cache FILE.json`` keeps every run; the dense and exact-kNN runs (``--compare``, or
+``--knn exact`` itself) are reused from it: they do not depend on the recall settings, so tuning those
+re-runs only the approximate side (the ``--fixed-baseline`` runs always run, beside the targeted ones,
+so that their time ratio comes from one job). ``--report-only`` prints the tables from the cache
+alone, e.g. after the exact and the approximate runs were made in separate jobs. A cached entry is keyed by the arguments that determine it (sizes,
 distribution, method, mode, kNN), not by the code: delete the file after changing a method.
 """
 
@@ -62,7 +63,7 @@ DISTRIBUTIONS: dict[str, dict[str, float | int | None]] = {
     "isotropic": {"intrinsic": None, "noise": 2.2, "modality_gap": 2.2, "modality_shift": 0.0, "size_skew": None,
                   "ambient_noise": 0.0},
     # lowrank with Zipf-like identity sizes (probability of identity i ∝ i^-1.1): a few identities with
-    # thousands of images, the median with four
+    # thousands of images (16 % of a 100k gallery in one), the median with three
     "heavy": {"intrinsic": 16, "noise": 0.35, "modality_gap": 0.6, "modality_shift": 0.0, "size_skew": 1.1,
               "ambient_noise": 0.05},
     # lowrank with a strong modality offset: every query also shifted by one common vector (0.5 per
@@ -220,10 +221,11 @@ def spawn(args: argparse.Namespace, method: str, mode: str, knn: str, distributi
 
 
 def reference_key(args: argparse.Namespace, run: tuple[str, str, str, str, float]) -> str:
-    """Cache key of a reference run: everything that determines its result."""
+    """Cache key of a run: everything that determines its result (not the code)."""
     method, mode, knn, distribution, recall_target = run
+    recall = {} if not recall_target else {"recall_sample": args.recall_sample, "recall_budget": args.recall_budget}
     return json.dumps({"method": method, "mode": mode, "knn": knn, "distribution": distribution,
-                       "recall_target": recall_target, **{name: getattr(args, name) for name in _GENERATOR_ARGS},
+                       "recall_target": recall_target, **recall, **{name: getattr(args, name) for name in _GENERATOR_ARGS},
                        **{name: getattr(args, name) for name in _IVF_ARGS}}, sort_keys=True)
 
 
@@ -268,7 +270,9 @@ def main() -> None:
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: vireid.retrieval.knn)")
     parser.add_argument("--kmeans-iterations", type=int, default=None, help="IVF k-means iterations")
     parser.add_argument("--reference-cache", default=None,
-                        help="JSON file keeping the dense and exact-kNN runs")
+                        help="JSON file keeping every run; the dense and exact-kNN runs are reused from it")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: print the tables from the --reference-cache runs of these arguments")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=1,
                         help="measurements run at once (>1 only for fidelity: concurrent runs share the cores)")
@@ -319,17 +323,18 @@ def main() -> None:
             elif args.compare == "exact":
                 runs.append((method, "ranked", "exact", distribution, 0.0))
     cache = load_cache(args.reference_cache)
-    reference = {run for run in runs if run[1] == "dense" or run[2] == "exact"}  # cacheable
+    reference = {run for run in runs if run[1] == "dense" or run[2] == "exact"}  # reused from the cache
 
     def measure(run: tuple[str, str, str, str, float]) -> dict:
         key = reference_key(args, run)
-        if run in reference and key in cache:
+        if key in cache and (run in reference or args.report_only):
             return {**cache[key], "cached": True}
+        if args.report_only:
+            raise SystemExit(f"--report-only: no cached result for {key}")
         result = spawn(args, *run)
-        if run in reference:
-            cache[key] = result
-            if args.reference_cache is not None:
-                write_json_atomic(args.reference_cache, cache)
+        cache[key] = result
+        if args.reference_cache is not None:
+            write_json_atomic(args.reference_cache, cache)
         return result
 
     with ThreadPoolExecutor(args.jobs) as pool:
