@@ -20,9 +20,9 @@ Four searchers share one interface, :class:`NeighbourIndex`:
 mode's default, target 0.98) vireid measures, before each approximate search, the exact neighbour
 lists of a seeded sample of its rows (faiss ``knn``), runs the approximate search on the same rows
 with growing ``nprobe`` (4, 6, 8, 12, 16, 24, … lists) or ``efSearch`` (k, 2k, 4k, …), and keeps the
-first value whose recall@k — the fraction of the exact k nearest found, faiss'
-``knn_intersection_measure`` (in a self graph: of the k − 1 nearest other items) — reaches the
-target. The sample rows go through the very scan that then runs on all rows, so the measured recall
+first value whose recall@k — the fraction of the exact k nearest found, averaged over the rows
+(faiss' ``knn_intersection_measure``, computed vectorised; in a self graph: of the k − 1 nearest
+other items) — reaches the target. Each step of the IVF ladder scans only the lists it adds. The sample rows go through the very scan that then runs on all rows, so the measured recall
 estimates the search's own. Budget: an approximate search may compute at most
 ``max_scan_fraction`` of the inner products of an exact search (IVF: the sizes of the probed lists,
 what faiss' ``IndexIVFStats.ndis`` counts; HNSW: faiss' ``hnsw_stats.ndis``). If the target is not
