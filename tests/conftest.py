@@ -8,6 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# idle OpenMP threads (torch, faiss) sleep instead of spinning: on a loaded machine spinning makes
+# faiss calls several times slower; set before torch is imported below
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = REPO_ROOT / "tests" / "golden"
 

@@ -19,7 +19,13 @@ sgr (SIM similarity graph reasoning: lam, K, k_graph), mnnr (SIM mutual nearest-
 reasoning: kq, kg, alpha), sim (SGR then MNNR: all six), krr (k-reciprocal re-ranking: k1, k2, lam).
 --variant reference reproduces the public code (quirks included), paper the equations; defaults:
 reference for aim/krr, paper for sgr/mnnr/sim. --preset fills in the papers' parameters for a
-protocol; --param NAME=VALUE overrides them. With several trials in the file, all rows are used."""
+protocol; --param NAME=VALUE overrides them. With several trials in the file, all rows are used.
+With --topk and an approximate --knn (ivf, hnsw, or auto beyond 50,000 items) every neighbour search
+is recall-targeted: its recall@k against exact search is measured on --recall-sample rows and nprobe
+(IVF) or efSearch (HNSW) raised until it reaches --recall-target; each search's choice and measured
+recall is printed and stored in RANKS.npz (key meta_json). A target not met within --recall-budget
+is said in one line: the search then runs exactly if that is cheap (<= 2.5e9 inner products),
+otherwise with the best recall reached."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "distances of each query (ranked_index, ranked_dist) to an .npz instead of the Q×G matrix")
     parser.add_argument("--knn", choices=("auto", "exact", "ivf", "hnsw"), default="auto",
                         help="neighbour search of the ranked-list mode (auto: exact up to 50,000 items, IVF beyond)")
+    parser.add_argument("--recall-target", type=float, default=0.98, metavar="R",
+                        help="ranked-list mode, approximate --knn: recall@k each neighbour search must reach against "
+                        "exact search (0: fixed nprobe 16 / 64, efSearch 128, recall not measured)")
+    parser.add_argument("--recall-sample", type=int, default=1000, metavar="S",
+                        help="rows per neighbour search on which the recall is measured")
+    parser.add_argument("--recall-budget", type=float, default=0.25, metavar="F",
+                        help="most inner products an approximate search may compute, as a fraction of an exact search's")
     parser.add_argument("--out", required=True, metavar="DIST.npy", help="output file (Q, G), or RANKS.npz with --topk")
     parser.set_defaults(func=run)
 
@@ -68,16 +81,40 @@ def run(args: argparse.Namespace) -> int:
 
 def run_ranked(args: argparse.Namespace, features: FeatureSet, params: dict[str, str]) -> int:
     """``--topk``: million-scale ranked lists (:func:`vireid.retrieval.ranked.rerank_ranked`)."""
+    import json
+    import logging
+    import sys
+
+    import numpy as np
+
     from vireid.errors import InputError
     from vireid.io import save_npz_atomic
+    from vireid.retrieval.knn import RecallTarget
     from vireid.retrieval.ranked import RankedOptions, rerank_ranked
 
     if args.dtype != "float32":
         raise InputError("--topk (ranked-list mode) computes in float32; drop --dtype float64")
-    ranked_index, ranked_dist = rerank_ranked(
-        args.method, features.query_feat, features.gallery_feat, topk=args.topk, params=params,
-        variant=args.variant, preset=args.preset, options=RankedOptions(knn=args.knn, progress=True))
-    save_npz_atomic(args.out, ranked_index=ranked_index, ranked_dist=ranked_dist)
-    print(f"{args.method} ranked lists (top {args.topk}, knn {args.knn}): {ranked_index.shape[0]} queries "
+    if args.recall_target < 0:
+        raise InputError(f"--recall-target {args.recall_target}: must be in (0, 1], or 0 for fixed parameters")
+    recall = None if args.recall_target == 0 else RecallTarget(
+        target=args.recall_target, sample=args.recall_sample, max_scan_fraction=args.recall_budget)
+    handler = logging.StreamHandler(sys.stdout)  # one line per neighbour search, as it is decided
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    knn_log = logging.getLogger("vireid.retrieval.knn")
+    knn_log.addHandler(handler)
+    level = knn_log.level
+    knn_log.setLevel(logging.INFO)
+    try:
+        result = rerank_ranked(
+            args.method, features.query_feat, features.gallery_feat, topk=args.topk, params=params,
+            variant=args.variant, preset=args.preset, options=RankedOptions(knn=args.knn, recall=recall, progress=True))
+    finally:
+        knn_log.removeHandler(handler)
+        knn_log.setLevel(level)
+    meta = {"method": args.method, "topk": args.topk, "knn": args.knn,
+            "recall_target": None if recall is None else recall.target, "searches": result.knn_summary()}
+    save_npz_atomic(args.out, ranked_index=result.ranked_index, ranked_dist=result.ranked_dist,
+                    meta_json=np.array(json.dumps(meta)))
+    print(f"{args.method} ranked lists (top {args.topk}, knn {args.knn}): {result.ranked_index.shape[0]} queries "
           f"written to {args.out}")
     return 0

@@ -6,18 +6,34 @@ Four searchers share one interface, :class:`NeighbourIndex`:
 ``exact``   brute force, blocked over the queries (faiss ``knn``: BLAS matmul + heap).
 ``ivf``     inverted file over faiss k-means centroids (the coarse quantizer of ``IndexIVFFlat``,
             inner product). ``nlist`` = the power of two nearest to 2·sqrt(N) (at least 16),
-            trained by 10 k-means iterations on ``64·nlist`` points drawn with the seed. Each
-            item scans the lists of its ``nprobe`` = 16 nearest centroids (graph), each query its
-            ``query_nprobe`` = 64 (so do query rows of a query+gallery pool). At G = 100k this
-            keeps ranked ``aim``/``sim``/``krr`` within 0.35 points of exact kNN (8 / 32 lost up
-            to 1.0; ``docs/reranking.md``, "Scale"). The scan is done list by list: one matmul
-            between a list's members and every row probing it, merged into running top-k arrays,
-            so a million-item graph is compute-bound (BLAS) instead of memory-bound.
-``hnsw``    faiss ``IndexHNSWFlat``: ``M`` = 32 links, ``efConstruction`` = 80, ``efSearch`` = 128.
+            trained by 10 k-means iterations on ``64·nlist`` points drawn with the seed. Each row
+            scans the lists of its ``nprobe`` nearest centroids. The scan is done list by list: one
+            matmul between a list's members and every row probing it, merged into running top-k
+            arrays, so a million-item graph is compute-bound (BLAS) instead of memory-bound.
+``hnsw``    faiss ``IndexHNSWFlat``: ``M`` = 32 links, ``efConstruction`` = 80; ``efSearch``.
 ``auto``    ``exact`` while the base has at most :data:`AUTO_EXACT_MAX_BASE` (50,000) vectors
             (its self-graph is then <= 2.5e9 inner products, ~20 s on two cores at d = 512),
             ``ivf`` beyond.
 ==========  ====================================================================================
+
+``nprobe`` / ``efSearch`` are chosen per search. With a :class:`RecallTarget` (the ranked-list
+mode's default, target 0.98) vireid measures, before each approximate search, the exact neighbour
+lists of a seeded sample of its rows (faiss ``knn``), runs the approximate search on the same rows
+with growing ``nprobe`` (4, 6, 8, 12, 16, 24, … lists) or ``efSearch`` (k, 2k, 4k, …), and keeps the
+first value whose recall@k — the fraction of the exact k nearest found, averaged over the rows
+(faiss' ``knn_intersection_measure``, computed vectorised; in a self graph: of the k − 1 nearest
+other items) — reaches the target. Each step of the IVF ladder scans only the lists it adds. The sample rows go through the very scan that then runs on all rows, so the measured recall
+estimates the search's own. Budget: an approximate search may compute at most
+``max_scan_fraction`` of the inner products of an exact search (IVF: the sizes of the probed lists,
+what faiss' ``IndexIVFStats.ndis`` counts; HNSW: faiss' ``hnsw_stats.ndis``). If the target is not
+met within it, the search is exact when that costs at most ``exact_max_products`` inner products
+(rows × base), otherwise it runs with the best value reached; a warning says so in one line. Without
+a target, the fixed :class:`IvfParams` / :class:`HnswParams` values are used. Every search leaves a
+:class:`SearchReport` in :attr:`NeighbourIndex.reports`.
+
+faiss' ``ParameterSpace`` is not used for IVF: it explores faiss' own ``IndexIVFFlat.search``,
+which needs a second copy of the base in faiss' inverted lists (2 GiB at a million) and is not the
+list-major scan that builds the graph; measuring the scan itself is cheaper and exact.
 
 Results are ``(index int64 (n, k), similarity float32 (n, k))``, best first. faiss uses the
 threads set by ``faiss.omp_set_num_threads``; nothing here changes them.
@@ -25,8 +41,10 @@ threads set by ``faiss.omp_set_num_threads``; nothing here changes them.
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -34,8 +52,11 @@ from tqdm.auto import tqdm
 from vireid.errors import InputError
 from vireid.retrieval.exact import l2_normalize
 
+log = logging.getLogger(__name__)
+
 KNN_METHODS: tuple[str, ...] = ("auto", "exact", "ivf", "hnsw")
 AUTO_EXACT_MAX_BASE = 50_000
+_IVF_LADDER_START = 4
 _BLOCK_ELEMENTS = 1 << 24  # similarity entries per matmul block (64 MiB float32)
 # queries per faiss ``knn`` call of the exact search: faiss tiles the base itself (4096 x 1024 blocks),
 # so memory is only rows x k, while each call reads the whole base once: small calls are memory-bound
@@ -48,7 +69,9 @@ class IvfParams:
     """IVF settings; ``nlist=None`` picks the power of two nearest to 2·sqrt(N).
 
     ``nprobe`` lists are scanned per item for the gallery graph, ``query_nprobe`` per query (queries
-    come from the other modality, so their neighbours spread over more lists; there are few of them).
+    come from the other modality, so their neighbours spread over more lists; there are few of them)
+    when no :class:`RecallTarget` is given. ``nprobe`` is also how many probes per item are kept from
+    the list assignment (a recall-targeted graph needing more recomputes them).
     """
 
     nlist: int | None = None
@@ -60,11 +83,89 @@ class IvfParams:
 
 @dataclass(frozen=True)
 class HnswParams:
-    """faiss IndexHNSWFlat settings."""
+    """faiss IndexHNSWFlat settings (``ef_search``: used without a :class:`RecallTarget`)."""
 
     M: int = 32
     ef_construction: int = 80
     ef_search: int = 128
+
+
+@dataclass(frozen=True)
+class RecallTarget:
+    """Recall-targeted approximate search (module docstring): ``target`` recall@k, measured on
+    ``sample`` rows per search; budget ``max_scan_fraction`` of an exact search's inner products;
+    exact search as the fallback while it costs at most ``exact_max_products`` inner products."""
+
+    target: float = 0.98
+    sample: int = 1000
+    max_scan_fraction: float = 0.25
+    exact_max_products: float = float(AUTO_EXACT_MAX_BASE) ** 2
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target <= 1.0:
+            raise InputError(f"recall target {self.target!r} must lie in (0, 1]")
+        if not isinstance(self.sample, (int, np.integer)) or self.sample < 1:
+            raise InputError(f"recall sample {self.sample!r} must be a positive integer")
+        if not 0.0 < self.max_scan_fraction <= 1.0:
+            raise InputError(f"recall budget max_scan_fraction={self.max_scan_fraction!r} must lie in (0, 1]")
+        if self.exact_max_products < 0:
+            raise InputError(f"exact_max_products={self.exact_max_products!r} must be >= 0")
+
+
+@dataclass(frozen=True)
+class SearchReport:
+    """What one neighbour search did.
+
+    ``outcome``: ``exact`` (exact search asked for), ``fixed`` (approximate, fixed parameter, recall
+    not measured), ``met`` (the target holds on the sample), ``exact fallback`` (not met within the
+    budget, searched exactly; ``note`` gives the best approximate setting tried), ``below target``
+    (not met, searched with the best value reached). ``method``/``parameter``/``value``: what the
+    search used; ``recall``: its recall@k on the ``sample`` rows (1.0 for exact search, ``None`` when
+    not measured); ``scan_fraction``: its inner products per row over an exact search's.
+    """
+
+    name: str
+    rows: int
+    k: int
+    method: str
+    parameter: str | None
+    value: int | None
+    recall: float | None
+    sample: int
+    target: float | None
+    scan_fraction: float | None
+    outcome: str
+    seconds: float
+    note: str = ""
+
+    def line(self) -> str:
+        head = f"knn {self.name} ({self.rows:,} rows, k={self.k})"
+        setting = f"{self.method} {self.parameter} {self.value}" if self.parameter else self.method
+        if self.outcome == "exact":
+            return f"{head}: exact"
+        if self.outcome == "fixed":
+            return f"{head}: {setting} (fixed; recall not measured)"
+        measured = _measured(self.k, self.recall, self.sample, self.scan_fraction)
+        if self.outcome == "met":
+            return f"{head}: {setting}, {measured} (target {self.target})"
+        if self.outcome == "exact fallback":
+            return (f"{head}: recall target {self.target} not met within the budget ({self.note}); "
+                    f"searched exactly instead")
+        return f"{head}: recall target {self.target} NOT met within the budget: continuing with {setting}, {measured}"
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _measured(k: int, recall: float | None, sample: int, fraction: float | None) -> str:
+    scanned = "" if fraction is None else f", scanning {100 * fraction:.1f} % of an exact search"
+    return f"recall@{k} {recall:.4f} on {sample:,} sampled rows{scanned}"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    method: str          # "exact", "ivf" or "hnsw"
+    value: int | None    # nprobe / efSearch
 
 
 def normalise_float32(features: np.ndarray, *, name: str) -> np.ndarray:
@@ -97,7 +198,12 @@ def default_nlist(n_base: int) -> int:
 
 
 class NeighbourIndex:
-    """A searchable set of L2-normalised float32 base vectors (the gallery, or query+gallery pool)."""
+    """A searchable set of L2-normalised float32 base vectors (the gallery, or query+gallery pool).
+
+    ``recall``: choose ``nprobe`` / ``efSearch`` per search to reach a recall target (module
+    docstring); ``None`` uses the fixed values of ``ivf`` / ``hnsw``. :attr:`reports` lists every
+    search done so far (:class:`SearchReport`).
+    """
 
     def __init__(
         self,
@@ -106,6 +212,7 @@ class NeighbourIndex:
         *,
         ivf: IvfParams = IvfParams(),
         hnsw: HnswParams = HnswParams(),
+        recall: RecallTarget | None = None,
         seed: int = 0,
         progress: bool = False,
     ) -> None:
@@ -115,7 +222,10 @@ class NeighbourIndex:
         self.method = resolve_knn(method, len(self.base))
         self.ivf_params = ivf
         self.hnsw_params = hnsw
+        self.recall = recall
+        self.seed = seed
         self.progress = progress
+        self.reports: list[SearchReport] = []
         n, d = self.base.shape
         if self.method == "ivf":
             nlist = ivf.nlist or default_nlist(n)
@@ -148,21 +258,22 @@ class NeighbourIndex:
         return len(self.base)
 
     def search(self, queries: np.ndarray, k: int, *, base_range: tuple[int, int] | None = None,
-               desc: str = "knn search") -> tuple[np.ndarray, np.ndarray]:
+               desc: str = "knn search", name: str = "query lists") -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most similar base vectors of each (normalised) query, best first.
 
-        ``base_range=(lo, hi)`` restricts the answers to base rows ``lo <= i < hi``.
+        ``base_range=(lo, hi)`` restricts the answers to base rows ``lo <= i < hi``; ``name`` labels
+        the search in :attr:`reports` and the log.
         """
         q = normalise_float32(queries, name="query features")
         lo, hi = base_range or (0, len(self.base))
         if not 0 <= lo < hi <= len(self.base):
             raise InputError(f"base_range {base_range} outside [0, {len(self.base)}]")
         _check_k(k, hi - lo)
-        if self.method == "ivf":
-            probes = _probe_pairs(self._probe(q, self.ivf_params.query_nprobe))
-            idx, sim = self._ivf_search(q, probes, k, lo, hi, desc)
-        elif self.method == "hnsw":
-            idx, sim = self._hnsw_search(q, k, base_range, desc)
+        plan = self._plan(q, None, k, lo, hi, name=name, query_side=True)
+        if plan.method == "ivf":
+            idx, sim = self._ivf_search(q, _probe_pairs(self._probe(q, plan.value)), k, lo, hi, desc)
+        elif plan.method == "hnsw":
+            idx, sim = self._hnsw_search(q, k, base_range, plan.value, desc)
         else:
             idx, sim = self._exact_search(q, k, lo, hi, desc)
         _fill_missing(idx, sim, q, self.base, lo, hi)
@@ -172,21 +283,140 @@ class NeighbourIndex:
         """The ``k`` nearest base vectors of every base vector, itself included at column 0.
 
         ``query_rows``: the first rows of the base are queries of the other modality (the pool of
-        k-reciprocal re-ranking); with ``ivf`` they probe ``query_nprobe`` lists, not ``nprobe``.
+        k-reciprocal re-ranking); they are searched (and tuned) as queries, the rest as the graph.
         """
-        _check_k(k, len(self.base))
-        if not 0 <= query_rows <= len(self.base):
-            raise InputError(f"query_rows={query_rows} outside [0, {len(self.base)}]")
-        if self.method == "ivf":
-            rows, lists = _probe_pairs(self._probes[query_rows:], offset=query_rows)
-            if query_rows:
-                query_pairs = _probe_pairs(self._probe(self.base[:query_rows], self.ivf_params.query_nprobe))
-                rows, lists = np.concatenate([query_pairs[0], rows]), np.concatenate([query_pairs[1], lists])
-            idx, sim = self._ivf_search(self.base, (rows, lists), k, 0, len(self.base), "knn graph (ivf)")
-            _fill_missing(idx, sim, self.base, self.base, 0, len(self.base))
-        else:
-            idx, sim = self.search(self.base, k, desc="knn graph")
+        n = len(self.base)
+        _check_k(k, n)
+        if not 0 <= query_rows <= n:
+            raise InputError(f"query_rows={query_rows} outside [0, {n}]")
+        parts = [(0, query_rows, True, "pool graph (query rows)"),
+                 (query_rows, n, False, "pool graph (gallery rows)" if query_rows else "gallery graph")]
+        parts = [part for part in parts if part[1] > part[0]]
+        plans = [self._plan(self.base[a:b], np.arange(a, b), k, 0, n, name=name, query_side=query_side)
+                 for a, b, query_side, name in parts]
+        idx = np.empty((n, k), dtype=np.int64)
+        sim = np.empty((n, k), dtype=np.float32)
+        ivf_parts = [(a, b, plan.value) for (a, b, _, _), plan in zip(parts, plans) if plan.method == "ivf"]
+        if ivf_parts:  # one list-major scan for every IVF row
+            pairs = [_probe_pairs(self._probe_rows(self.base[a:b], np.arange(a, b), value), offset=a)
+                     for a, b, value in ivf_parts]
+            pairs = (np.concatenate([rows for rows, _ in pairs]), np.concatenate([lists for _, lists in pairs]))
+            found_idx, found_sim = self._ivf_search(self.base, pairs, k, 0, n, "knn graph (ivf)")
+            del pairs
+            for a, b, _ in ivf_parts:
+                idx[a:b], sim[a:b] = found_idx[a:b], found_sim[a:b]
+            del found_idx, found_sim
+        for (a, b, _, name), plan in zip(parts, plans):
+            if plan.method == "hnsw":
+                idx[a:b], sim[a:b] = self._hnsw_search(self.base[a:b], k, None, plan.value, f"knn {name}")
+            elif plan.method == "exact":
+                idx[a:b], sim[a:b] = self._exact_search(self.base[a:b], k, 0, n, f"knn {name}")
+        _fill_missing(idx, sim, self.base, self.base, 0, n)
         return _self_first(idx, sim)
+
+    # --------------------------------------------------------------------------- recall targeting
+
+    def _plan(self, x: np.ndarray, self_rows: np.ndarray | None, k: int, lo: int, hi: int, *, name: str,
+              query_side: bool) -> _Plan:
+        """The searcher and parameter for the rows ``x`` (base rows ``self_rows`` in a self search),
+        recorded in :attr:`reports` and logged (module docstring)."""
+        started = time.perf_counter()
+        if self.method == "exact":
+            return self._record(_Plan("exact", None), name, x, k, None, 1.0, 0, 1.0, "exact", started)
+        parameter = "nprobe" if self.method == "ivf" else "efSearch"
+        if self.recall is None:
+            if self.method == "ivf":
+                value = self.ivf_params.query_nprobe if query_side else self.ivf_params.nprobe
+                own = None if self_rows is None else self_rows[:4096]
+                fraction = float(self._scan_fractions(self._probe_rows(x[:4096], own, value), lo, hi)[-1])
+            else:
+                value, fraction = max(self.hnsw_params.ef_search, k), None
+            return self._record(_Plan(self.method, value), name, x, k, parameter, None, 0, fraction, "fixed",
+                                started)
+        target = self.recall
+        rng = np.random.default_rng(self.seed)
+        sample = np.sort(rng.choice(len(x), min(target.sample, len(x)), replace=False))
+        xs = x[sample]
+        own = None if self_rows is None else self_rows[sample]
+        truth = self._exact_search(xs, k, lo, hi, "")[0]
+        ladder = self._ladder(k)
+        probes = self._probe_rows(xs, own, ladder[-1]) if self.method == "ivf" else None
+        fractions = None if probes is None else self._scan_fractions(probes, lo, hi)
+        best: tuple[int, float, float] | None = None
+        scanned, done = None, 0  # IVF: the sample's lists so far; each step scans only the new ones
+        for value in ladder:
+            if probes is not None:
+                fraction = float(fractions[value - 1])
+                if fraction > target.max_scan_fraction and best is not None:
+                    break
+                scanned = self._ivf_search(xs, _probe_pairs(probes[:, done:value]), k, lo, hi, "", start=scanned)
+                found, done = scanned[0], value
+            else:
+                found, fraction = self._hnsw_sample(xs, k, lo, hi, value)
+                if fraction > target.max_scan_fraction and best is not None:
+                    break
+            recall = _recall(found, truth, own)
+            best = (value, recall, fraction)
+            if recall >= target.target:
+                return self._record(_Plan(self.method, value), name, x, k, parameter, recall, len(sample),
+                                    fraction, "met", started)
+        value, recall, fraction = best
+        if len(x) * (hi - lo) <= target.exact_max_products:
+            note = f"{self.method} {parameter} {value}: {_measured(k, recall, len(sample), fraction)}"
+            return self._record(_Plan("exact", None), name, x, k, None, 1.0, len(sample), 1.0, "exact fallback",
+                                started, note=note)
+        return self._record(_Plan(self.method, value), name, x, k, parameter, recall, len(sample), fraction,
+                            "below target", started)
+
+    def _record(self, plan: _Plan, name: str, x: np.ndarray, k: int, parameter: str | None,
+                recall: float | None, sample: int, fraction: float | None, outcome: str, started: float, *,
+                note: str = "") -> _Plan:
+        report = SearchReport(
+            name=name, rows=len(x), k=k, method=plan.method, parameter=parameter, value=plan.value,
+            recall=recall, sample=sample, target=None if self.recall is None or outcome == "exact" else
+            self.recall.target, scan_fraction=fraction, outcome=outcome, seconds=time.perf_counter() - started,
+            note=note)
+        self.reports.append(report)
+        (log.warning if outcome in ("exact fallback", "below target") else log.info)(report.line())
+        return plan
+
+    def _ladder(self, k: int) -> list[int]:
+        """IVF: nprobe 4, 6, 8, 12, 16, 24, … up to nlist; HNSW: efSearch k, 2k, 4k, … up to the base size."""
+        if self.method == "ivf":
+            nlist = self._lists.n_lists
+            values = {min(nlist, _IVF_LADDER_START * 2 ** (i // 2) * (3 if i % 2 else 2) // 2)
+                      for i in range(2 * int(math.log2(max(nlist, 2))) + 2)}
+            return sorted(v for v in values | {nlist} if v >= 1)
+        values, ef = [], max(k, 16)
+        while ef < 2 * len(self.base):
+            values.append(ef)
+            ef *= 2
+        return values or [max(k, 16)]
+
+    def _scan_fractions(self, probes: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """IVF cost per row at nprobe 1, 2, …: the mean size (within [lo, hi)) of the probed lists over
+        ``hi - lo`` — the inner products faiss' ``IndexIVFStats.ndis`` would count, over an exact search's."""
+        return np.cumsum(self._list_sizes(lo, hi)[probes].mean(axis=0)) / (hi - lo)
+
+    def _list_sizes(self, lo: int, hi: int) -> np.ndarray:
+        if lo == 0 and hi == len(self.base):
+            return np.diff(self._lists.starts)
+        return np.bincount(self._probes[lo:hi, 0], minlength=self._lists.n_lists)
+
+    def _probe_rows(self, x: np.ndarray, own: np.ndarray | None, nprobe: int) -> np.ndarray:
+        """Probed lists of rows ``x`` (base rows ``own``: the stored probes when wide enough)."""
+        if own is not None and nprobe <= self._probes.shape[1]:
+            return self._probes[own, :nprobe]
+        return self._probe(x, nprobe)
+
+    def _hnsw_sample(self, xs: np.ndarray, k: int, lo: int, hi: int, ef: int) -> tuple[np.ndarray, float]:
+        """HNSW search of the sample rows at ``ef`` and its cost (faiss ``hnsw_stats.ndis``)."""
+        import faiss
+
+        base_range = None if (lo, hi) == (0, len(self.base)) else (lo, hi)
+        faiss.cvar.hnsw_stats.reset()
+        found = self._hnsw_search(xs, k, base_range, ef, "")[0]
+        return found, faiss.cvar.hnsw_stats.ndis / (len(xs) * (hi - lo))
 
     def _exact_search(self, q: np.ndarray, k: int, lo: int, hi: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
         import faiss
@@ -194,22 +424,22 @@ class NeighbourIndex:
         idx = np.empty((len(q), k), dtype=np.int64)
         sim = np.empty((len(q), k), dtype=np.float32)
         step = _EXACT_QUERY_BLOCK
-        for start in tqdm(range(0, len(q), step), desc=desc, disable=not self.progress):
+        for start in tqdm(range(0, len(q), step), desc=desc, disable=not self.progress or not desc):
             s, i = faiss.knn(q[start:start + step], self.base[lo:hi], k, metric=faiss.METRIC_INNER_PRODUCT)
             idx[start:start + step] = i + lo
             sim[start:start + step] = s
         return idx, sim
 
-    def _hnsw_search(self, q: np.ndarray, k: int, base_range: tuple[int, int] | None,
+    def _hnsw_search(self, q: np.ndarray, k: int, base_range: tuple[int, int] | None, ef_search: int,
                      desc: str) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
         selector = None if base_range is None else faiss.IDSelectorRange(*base_range)
-        params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.hnsw_params.ef_search, k))
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(ef_search, k))
         idx = np.empty((len(q), k), dtype=np.int64)
         sim = np.empty((len(q), k), dtype=np.float32)
         step = 16384
-        for start in tqdm(range(0, len(q), step), desc=desc, disable=not self.progress):
+        for start in tqdm(range(0, len(q), step), desc=desc, disable=not self.progress or not desc):
             sim[start:start + step], idx[start:start + step] = self._hnsw.search(q[start:start + step], k,
                                                                                params=params)
         return idx, sim
@@ -219,25 +449,29 @@ class NeighbourIndex:
         nprobe = min(nprobe, self._quantizer.ntotal)
         out = np.empty((len(x), nprobe), dtype=np.int64)
         step = max(1, _BLOCK_ELEMENTS // self._quantizer.ntotal)
-        for start in tqdm(range(0, len(x), step), desc="ivf: assign", disable=not self.progress):
+        for start in tqdm(range(0, len(x), step), desc="ivf: assign", disable=not self.progress or len(x) <= step):
             out[start:start + step] = self._quantizer.search(x[start:start + step], nprobe)[1]
         return out
 
     def _ivf_search(self, x: np.ndarray, probes: tuple[np.ndarray, np.ndarray], k: int, lo: int, hi: int,
-                    desc: str) -> tuple[np.ndarray, np.ndarray]:
+                    desc: str, start: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """IVF-flat search by list: every list is scanned once, by one matmul with all rows probing it,
         and each row keeps a running top-k (the scan is compute-bound rather than memory-bound).
 
-        ``probes``: flat ``(row of x, list)`` pairs, each row with its lists (rows may differ in count).
+        ``probes``: flat ``(row of x, list)`` pairs, each row with its lists (rows may differ in count);
+        ``start``: a previous result of the same rows to extend (the recall ladder scans only new lists).
         """
         import faiss
 
         n = len(x)
-        best_sim = np.full((n, k), -np.inf, dtype=np.float32)
-        best_idx = np.full((n, k), -1, dtype=np.int64)
+        if start is None:
+            best_sim = np.full((n, k), -np.inf, dtype=np.float32)
+            best_idx = np.full((n, k), -1, dtype=np.int64)
+        else:
+            best_idx, best_sim = start[0].copy(), start[1].copy()
         probe_rows, probe_lists = probes
         probing = _InvertedLists.build(probe_lists, self._lists.n_lists)
-        for lst in tqdm(range(self._lists.n_lists), desc=desc, disable=not self.progress):
+        for lst in tqdm(range(self._lists.n_lists), desc=desc, disable=not self.progress or not desc):
             rows = probe_rows[probing.members(lst)]
             members = self._lists.members(lst)
             if lo > 0 or hi < len(self.base):
@@ -280,9 +514,31 @@ class _InvertedLists:
 
 
 def _probe_pairs(probes: np.ndarray, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(n, nprobe)`` probed lists as flat ``(row + offset, list)`` pairs."""
-    rows = np.repeat(np.arange(offset, offset + len(probes)), probes.shape[1])
-    return rows, probes.ravel()
+    """``(n, nprobe)`` probed lists as flat ``(row + offset, list)`` pairs (int32: half the memory of a
+    million-row graph's pairs)."""
+    rows = np.repeat(np.arange(offset, offset + len(probes), dtype=np.int32), probes.shape[1])
+    return rows, probes.astype(np.int32).ravel()
+
+
+def _recall(found: np.ndarray, truth: np.ndarray, own: np.ndarray | None) -> float:
+    """recall@k of ``found`` against the exact ``truth``: the fraction of each row's exact list it contains,
+    averaged (faiss' ``knn_intersection_measure``, vectorised); in a self search (``own`` = the rows' base
+    indices) over the k − 1 nearest items other than the row itself."""
+    if own is not None:
+        if found.shape[1] == 1:
+            return 1.0
+        found, truth = _without_self(found, own, found.shape[1] - 1), _without_self(truth, own, truth.shape[1] - 1)
+    width = int(max(found.max(initial=0), truth.max(initial=0))) + 2
+    rows = np.arange(len(found), dtype=np.int64)[:, None] * width
+    hits = np.isin(found + 1 + rows, truth + 1 + rows)  # row-tagged keys; -1 (missing) never matches a truth
+    return float(hits.sum() / truth.size)
+
+
+def _without_self(idx: np.ndarray, own: np.ndarray, width: int) -> np.ndarray:
+    """Each row's first ``width`` entries other than its own index (a row missing itself drops its last)."""
+    keep = idx != own[:, None]
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
+    return np.take_along_axis(idx, order, axis=1)
 
 
 def knn_search(queries: np.ndarray, base: np.ndarray, k: int, method: str = "auto", *, seed: int = 0,

@@ -19,6 +19,11 @@ How each method finds its candidates (``P`` = the query's ``query_k`` nearest ga
   one of its ``k_graph`` neighbours is near the query. MNNR then adds every item whose
   k-reciprocal set meets the query's ``kq`` nearest (inverted index); the rest rank by SGR.
 
+Approximate neighbour search (``knn`` ``ivf`` / ``hnsw``, or ``auto`` beyond 50,000 items) is
+recall-targeted by default (``RankedOptions.recall``, :class:`~vireid.retrieval.knn.RecallTarget`):
+each neighbour search measures its recall@k on a sample of rows and raises ``nprobe`` / ``efSearch``
+until it reaches 0.98; the choices and the measured recalls come back in :class:`RankedLists`.
+
 With an exact index and ``query_k = G`` the candidates are the whole gallery and the output is the
 dense method's top-K (:mod:`vireid.retrieval.aim`, ``.sim``, ``.kreciprocal``; their sparse
 k-reciprocal vectors and local expansion are reused here). The k-reciprocal row maxima of squared
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -44,7 +50,14 @@ from vireid.retrieval.graph import (
     reverse_neighbours,
     rows_to_csr,
 )
-from vireid.retrieval.knn import HnswParams, IvfParams, NeighbourIndex, normalise_float32
+from vireid.retrieval.knn import (
+    HnswParams,
+    IvfParams,
+    NeighbourIndex,
+    RecallTarget,
+    SearchReport,
+    normalise_float32,
+)
 from vireid.retrieval.kreciprocal import jaccard_from_mass, local_expansion, reciprocal_vectors
 
 RANKED_METHODS: tuple[str, ...] = ("aim", "sim", "krr")
@@ -60,7 +73,9 @@ class RankedOptions:
     """Candidate generation and index settings of :func:`rerank_ranked`.
 
     ``query_k``: nearest gallery items fetched per query (default: ``topk``); ``expand``: how many
-    of them ``sim`` expands through the gallery graph; ``sample_size``: items sampled for row maxima.
+    of them ``sim`` expands through the gallery graph; ``sample_size``: items sampled for row maxima;
+    ``recall``: the approximate searches' recall target (``None``: the fixed ``ivf`` / ``hnsw``
+    parameters, recall not measured).
     """
 
     knn: str = "auto"
@@ -70,7 +85,21 @@ class RankedOptions:
     seed: int = 0
     ivf: IvfParams = IvfParams()
     hnsw: HnswParams = HnswParams()
+    recall: RecallTarget | None = RecallTarget()
     progress: bool = False
+
+
+class RankedLists(NamedTuple):
+    """Result of :func:`rerank_ranked`: ``ranked_index`` int64 (Q, topk), ``ranked_dist`` float32 (Q, topk),
+    closest first, and one :class:`~vireid.retrieval.knn.SearchReport` per neighbour search."""
+
+    ranked_index: np.ndarray
+    ranked_dist: np.ndarray
+    searches: tuple[SearchReport, ...]
+
+    def knn_summary(self) -> list[dict[str, object]]:
+        """The searches as JSON-ready dicts (what the CLI stores in the output's metadata)."""
+        return [report.to_dict() for report in self.searches]
 
 
 def rerank_ranked(
@@ -83,12 +112,12 @@ def rerank_ranked(
     variant: str | None = None,
     preset: str | None = None,
     options: RankedOptions = RankedOptions(),
-) -> tuple[np.ndarray, np.ndarray]:
+) -> RankedLists:
     """Per-query top-``topk`` gallery rows and re-ranked distances of ``method``, closest first.
 
     ``params``, ``variant`` and ``preset`` mean what they mean for the dense methods
-    (:func:`vireid.retrieval.api.resolve_rerank`). Returns ``ranked_index`` int64 (Q, topk) and
-    ``ranked_dist`` float32 (Q, topk).
+    (:func:`vireid.retrieval.api.resolve_rerank`). Returns :class:`RankedLists` (``ranked_index``,
+    ``ranked_dist``, and what each neighbour search did: searcher, parameter, measured recall).
     """
     if method not in RANKED_METHODS:
         raise InputError(f"ranked-list mode supports methods {', '.join(RANKED_METHODS)}, not {method!r}")
@@ -110,13 +139,19 @@ def rerank_ranked(
     if method == "krr":
         pool = np.concatenate([qn, gn])
         del gn  # the pool holds the only normalised gallery copy
-        return _rank_krr(pool, len(qn), p, topk, query_k, options)
-    index = NeighbourIndex(gn, options.knn, ivf=options.ivf, hnsw=options.hnsw, seed=options.seed,
-                           progress=options.progress)
-    del gn  # the index holds it
-    if method == "aim":
-        return _rank_aim(qn, index, p, topk, query_k, options)
-    return _rank_sim(qn, index, p, topk, query_k, options)
+        index = _index(pool, options)
+        del pool  # the index holds it
+        ranked = _rank_krr(index, len(qn), p, topk, query_k, options)
+    else:
+        index = _index(gn, options)
+        del gn  # the index holds it
+        ranked = (_rank_aim if method == "aim" else _rank_sim)(qn, index, p, topk, query_k, options)
+    return RankedLists(*ranked, tuple(index.reports))
+
+
+def _index(base: np.ndarray, options: RankedOptions) -> NeighbourIndex:
+    return NeighbourIndex(base, options.knn, ivf=options.ivf, hnsw=options.hnsw, recall=options.recall,
+                          seed=options.seed, progress=options.progress)
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -280,16 +315,13 @@ def _rank_sim(qn: np.ndarray, index: NeighbourIndex, p: Mapping[str, float], top
 # ------------------------------------------------------------------------------------------- krr
 
 
-def _rank_krr(pool: np.ndarray, n_query: int, p: Mapping[str, float], topk: int, query_k: int,
+def _rank_krr(index: NeighbourIndex, n_query: int, p: Mapping[str, float], topk: int, query_k: int,
               options: RankedOptions) -> tuple[np.ndarray, np.ndarray]:
     """Zhong et al. 2017 (reference code): k-reciprocal Jaccard + input distance over query ∪ gallery.
 
-    ``pool``: normalised queries then gallery, one array.
+    ``index``: over the normalised queries then the gallery (one pool).
     """
     k1, k2, lam = int(p["k1"]), int(p["k2"]), float(p["lam"])
-    index = NeighbourIndex(pool, options.knn, ivf=options.ivf, hnsw=options.hnsw, seed=options.seed,
-                           progress=options.progress)
-    del pool
     qn, gn = index.base[:n_query], index.base[n_query:]
     n_gallery = len(gn)
     graph = build_graph(index, max(k1 + 1, k2), query_rows=n_query)
