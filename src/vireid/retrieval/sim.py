@@ -24,6 +24,7 @@ from vireid.retrieval.exact import (
     WORKER_THREADS, NeighbourGraph, block_rows, check_variant, euclidean_from_similarity, l2_normalize,
     resolve_dtype, top_k_neighbours, topk_smallest,
 )
+from vireid.retrieval.graph import expanded_k_reciprocal_sets
 from vireid.retrieval.kreciprocal import blend_jaccard, reciprocal_vectors, shared_mass
 
 SGR_COLUMNS_PER_TASK = 64
@@ -258,16 +259,21 @@ def _mnnr(dist: np.ndarray, gn: np.ndarray, gallery: NeighbourGraph, kq: int, kg
           variant: str) -> np.ndarray:
     """MNNR on a query–gallery distance ``dist`` (Q, G), overwritten with the result and returned.
 
+    ``paper`` (SIM Eq. 6–8): N^c(q) = the query's kq nearest gallery items by ``dist`` (Eq. 6),
+    R*(g) = the gallery item's expanded kg-reciprocal set (itself included),
+    ``d_M = 1 − |N^c ∩ R*| / |N^c ∪ R*|`` on set sizes (Eq. 7), ``α·dist + (1 − α)·d_M`` (Eq. 8).
     ``reference`` (SIM ``re_ranking``): squared distances divided by their row maximum; the
-    query's plain top-(kq+1) gallery items; normalised Gaussian vectors; ``1 − m/(2 − m)``;
-    ``(1 − α) d_J + α d²/max``.  ``paper``: top-kq, ``exp(−d)`` vectors on the distances
-    themselves, Σmin/Σmax, ``α d + (1 − α) d_J``.
+    query's plain top-(kq+1) gallery items; Gaussian vectors normalised to sum 1 over the sets;
+    ``1 − m/(2 − m)`` with ``m = Σ min``; ``(1 − α) d_J + α d²/max``.
     """
     reference = variant == "reference"
-    row_scale = gallery.max_squared_distance() if reference else None
-    gallery_vectors = reciprocal_vectors(gn, gallery, kg, row_scale=row_scale, squared=reference,
-                                         normalize=reference)
-    gallery_sum = None if reference else np.asarray(gallery_vectors.sum(axis=1)).ravel()
+    if reference:
+        gallery_vectors = reciprocal_vectors(gn, gallery, kg, row_scale=gallery.max_squared_distance(),
+                                             squared=True, normalize=True)
+        gallery_sizes = None
+    else:
+        gallery_vectors = expanded_k_reciprocal_sets(gallery, kg)
+        gallery_sizes = np.diff(gallery_vectors.indptr).astype(np.float64)
     right = gallery_vectors.tocsc()
     num_query, num_gallery = dist.shape
     width = kq + 1 if reference else kq
@@ -277,9 +283,11 @@ def _mnnr(dist: np.ndarray, gn: np.ndarray, gallery: NeighbourGraph, kq: int, kg
             np.square(block, out=block)
             block /= block.max(axis=1, keepdims=True)
         near_dist, near = topk_smallest(block, width)
-        weight = np.exp(-near_dist)
         if reference:
+            weight = np.exp(-near_dist)
             weight /= weight.sum(axis=1, keepdims=True)
+        else:
+            weight = np.ones_like(near_dist)
         rows = near.shape[0]
         order = np.argsort(near, axis=1)
         query_vectors = sp.csr_matrix(
@@ -289,5 +297,5 @@ def _mnnr(dist: np.ndarray, gn: np.ndarray, gallery: NeighbourGraph, kq: int, kg
         if reference:
             dist[part] = blend_jaccard(block, mass, alpha)
         else:
-            dist[part] = blend_jaccard(block, mass, alpha, weight.sum(axis=1), gallery_sum)
+            dist[part] = blend_jaccard(block, mass, alpha, np.full(rows, float(width)), gallery_sizes)
     return dist
