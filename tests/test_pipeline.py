@@ -126,6 +126,13 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     assert set(results["methods"]) == {"plain", "aim", "sim", "krr"}
     for entry in results["methods"].values():
         assert len(entry["cmc"]) == 20 and 0.0 <= entry["mAP"] <= 1.0 and entry["wall_time_s"] > 0
+    for method in ("aim", "sim", "krr"):                        # preset and tuned on the validation identities
+        entry = results["methods"][method]
+        assert entry["distance"]["preset"] == "sysu" and entry["tuned"]["distance"]["tuned_on"] == "val"
+        tuning = entry["tuned"]["tuning"]
+        assert entry["tuned"]["params"] == tuning["chosen"] == entry["tuned"]["distance"]["params"]
+        assert tuning["validation_score"] >= tuning["base_validation_score"]
+    assert results["validation"]["num_ids"] == 12 and "tuned on val" in proc.stdout
     trained, untrained = results["methods"]["plain"]["cmc"][0], results["untrained"]["cmc"][0]
     assert trained > untrained + 0.05, (trained, untrained)
     html = (out / "report.html").read_text()

@@ -51,23 +51,27 @@ class _Scored:
 
 def test_grid_search_picks_the_argmax_of_a_constructed_score(monkeypatch: pytest.MonkeyPatch,
                                                               with_validation: FeatureSet) -> None:
-    """mAP peaks at lam 0.1, K 5, alpha 0.7 (a bowl); rank-1 peaks elsewhere. The search must pick the
-    bowl's minimum by mAP and the other point by r1, and evaluate every grid point."""
+    """mAP is a bowl around lam 0.1, K 3, kq 4, kg 5, alpha 0.6; rank-1 peaks at K 1, alpha 0.3. The search
+    must evaluate every grid point, the preset first, and pick the bowl's bottom by mAP, the other by r1."""
+    target = {"lam": 0.1, "K": 3, "kq": 4, "kg": 5, "alpha": 0.6}
+
     def score(p: dict) -> tuple[float, float]:
-        mAP = 0.9 - (np.log10(p["lam"]) + 1) ** 2 / 10 - (p["K"] - 5) ** 2 / 100 - (p["alpha"] - 0.7) ** 2
+        mAP = 0.9 - (np.log10(p["lam"]) + 1) ** 2 / 10 - sum((p[k] - target[k]) ** 2 / 100 for k in ("K", "kq", "kg")) \
+            - (p["alpha"] - 0.6) ** 2
         r1 = 0.9 - abs(p["K"] - 1) / 10 - abs(p["alpha"] - 0.3)
         return mAP, r1
 
     spy = _Scored(score)
     monkeypatch.setattr(tuning_module, "evaluate_rerank", spy)
     by_map = tune_rerank(with_validation.validation, "sysu", "sim", preset="sysu")
-    assert by_map.chosen == {"lam": 0.1, "K": 5, "k_graph": 20, "kq": 12, "kg": 20, "alpha": 0.7}
+    assert by_map.chosen == {**target, "k_graph": 20}
     grid = METHODS["sim"].grid
-    assert len(by_map.points) == int(np.prod([len(v) for v in grid.values()]))   # the preset is a grid point
-    assert by_map.points[0]["params"] == by_map.base and by_map.base["K"] == 9   # … evaluated first
-    expected = max((score({"lam": lam, "K": K, "alpha": alpha})[0], (lam, K, alpha))
-                   for lam, K, alpha in itertools.product(*grid.values()))
-    assert by_map.best["score"] == pytest.approx(expected[0])
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    assert len(by_map.points) == len(combos)                     # the preset is a grid point: not repeated
+    assert by_map.points[0]["params"] == by_map.base and by_map.base["K"] == 9   # … and evaluated first
+    assert by_map.best["score"] == pytest.approx(max(score(c)[0] for c in combos))
+    assert {tuple(sorted(p.items())) for _, p in spy.calls} == {
+        tuple(sorted({**c, "k_graph": 20}.items())) for c in combos}
     by_r1 = tune_rerank(with_validation.validation, "sysu", "sim", preset="sysu", metric="r1")
     assert (by_r1.chosen["K"], by_r1.chosen["alpha"]) == (1, 0.3)
 

@@ -32,9 +32,10 @@ parameters are chosen by a grid search on the validation identities stored in th
 val_query_feat, ...; written by `vireid extract` when the training run held identities out): the best
 --tune-metric over the validation trials wins, then the test set is evaluated once with the preset
 (or default) values and once with the chosen values; both are printed and written to --json. Grids:
-aim k1 2,4,8,20,30 x k2 1,2,6; sgr lam 0.01,0.1,0.3,1 x K 1,3,5,9; mnnr kq 4,8,12 x kg 10,20 x
-alpha 0.3,0.5,0.7,0.9; sim the sgr grid x alpha 0.3,0.5,0.7,0.9; krr k1 5,10,20 x k2 1,3,6 x
-lam 0.1,0.3,0.6 (other parameters keep the preset or default; --param values are never searched)."""
+aim k1 2,4,8,20,30 x k2 1,2,6; sgr lam 0.01,0.1,0.3 x K 1,3,5,9; mnnr kq 4,8,12 x kg 5,10,20 x
+alpha 0.3,0.6,0.9; sim lam 0.01,0.1 x K 1,3,9 x kq 4,12 x kg 5,20 x alpha 0.3,0.6,0.9; krr k1 5,10,20
+x k2 1,3,6 x lam 0.1,0.3,0.6 (other parameters keep the preset or default; --param values are never
+searched)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

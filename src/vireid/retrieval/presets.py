@@ -85,8 +85,7 @@ def _sim_presets(names: tuple[str, ...]) -> dict[str, dict[str, int | float]]:
 
 _KRR_PAPER = {"k1": 20, "k2": 6, "lam": 0.3}
 
-_GRID_SGR = {"lam": (0.01, 0.1, 0.3, 1.0), "K": (1, 3, 5, 9)}
-_GRID_MNNR_ALPHA = (0.3, 0.5, 0.7, 0.9)
+_GRID_MNNR = {"kq": (4, 8, 12), "kg": (5, 10, 20), "alpha": (0.3, 0.6, 0.9)}
 
 METHODS: dict[str, MethodSpec] = {
     "plain": MethodSpec("plain", "−qᵀg of L2-normalised features", (), "reference"),
@@ -97,12 +96,12 @@ METHODS: dict[str, MethodSpec] = {
         {"k1": (2, 4, 8, 20, 30), "k2": (1, 2, 6)},
     ),
     "sgr": MethodSpec("sgr", "SIM similarity graph reasoning (Eq. 1–5)", (_LAM_SGR, _K_SGR, _KGRAPH), "paper",
-                      _sim_presets(("lam", "K", "k_graph")), _GRID_SGR),
+                      _sim_presets(("lam", "K", "k_graph")), {"lam": (0.01, 0.1, 0.3), "K": (1, 3, 5, 9)}),
     "mnnr": MethodSpec("mnnr", "SIM mutual nearest-neighbour reasoning (Eq. 6–8)", (_KQ, _KG, _ALPHA), "paper",
-                       _sim_presets(("kq", "kg", "alpha")),
-                       {"kq": (4, 8, 12), "kg": (10, 20), "alpha": _GRID_MNNR_ALPHA}),
+                       _sim_presets(("kq", "kg", "alpha")), _GRID_MNNR),
     "sim": MethodSpec("sim", "SIM: SGR then MNNR", (_LAM_SGR, _K_SGR, _KGRAPH, _KQ, _KG, _ALPHA), "paper",
-                      _sim_presets(tuple(_SIM_SYSU)), {**_GRID_SGR, "alpha": _GRID_MNNR_ALPHA}),
+                      _sim_presets(tuple(_SIM_SYSU)),
+                      {"lam": (0.01, 0.1), "K": (1, 3, 9), "kq": (4, 12), "kg": (5, 20), "alpha": (0.3, 0.6, 0.9)}),
     "krr": MethodSpec(
         "krr", "k-reciprocal re-ranking (Zhong et al. 2017)",
         (ParamSpec("k1", int, 20, 1, "k of the k-reciprocal sets (Zhong Eq. 3–4)"),

@@ -2,7 +2,8 @@
 
 Jia et al., "A Similarity Inference Metric for RGB-Infrared Cross-Modality Person
 Re-identification", IJCAI 2020.  Both use only gallery–gallery similarities (one modality,
-so reliable) to correct the cross-modality query–gallery distance.
+so reliable) to correct the cross-modality query–gallery distance.  Equation numbers are the
+paper's; its audit, paper against public code, is ``docs/methods/sim.md``.
 
 Layout: SGR treats every query row independently (its sequential reference update too), so it
 runs over blocks of queries; inside a block it works on the transposed distance ``(G, B)`` so
@@ -33,10 +34,12 @@ SGR_COLUMNS_PER_TASK = 64
 
 def sgr(query_feat: np.ndarray, gallery_feat: np.ndarray, *, lam: float = 0.01, K: int = 9, k_graph: int = 20,
         variant: str = "paper", dtype: object = np.float32) -> np.ndarray:
-    """SIM Eq. 1–5 (SGR): d'(q, g_j) = mean of the K shortest paths q → g_n → g_j, n ∈ N(g_j, k_graph).
+    """SIM Eq. 1–5 (SGR): d_S(q, g_j) = mean of the K shortest paths q → g_n → g_j, n ∈ N(g_j, k_graph).
 
-    A path's length is ``d(q, g_n) + λ·d(g_n, g_j)`` (Euclidean distances of L2-normalised
-    features; the direct edge is the path through n = j).  ``paper`` computes every column
+    Edges (Eq. 1): ``d(q, g_n)`` and ``λ·d(g_n, g_j)`` (Euclidean distances of L2-normalised
+    features); the triangle inequality (Eq. 3) reduces the shortest paths (Eq. 2) to two hops
+    (Eq. 4), the direct edge being the path through n = j; Eq. 5 averages the K shortest, and
+    only the k_graph nearest gallery neighbours of g_j are kept (Sec. 3.2, Algorithm 1).  ``paper`` computes every column
     from the input distances (independent of gallery order); ``reference`` reproduces SIM's
     ``graph_reasoning``, which overwrites columns in gallery order, so later columns read
     already-updated ones.
@@ -51,8 +54,10 @@ def sgr(query_feat: np.ndarray, gallery_feat: np.ndarray, *, lam: float = 0.01, 
 
 def mnnr(query_feat: np.ndarray, gallery_feat: np.ndarray, *, kq: int = 12, kg: int = 20, alpha: float = 0.3,
          variant: str = "paper", dtype: object = np.float32) -> np.ndarray:
-    """SIM Eq. 6–8 (MNNR): Jaccard distance of the query's kq nearest gallery items and each
-    gallery item's kg-reciprocal set, mixed with the input distance by ``alpha``."""
+    """SIM Eq. 6–8 (MNNR): ``α·d + (1 − α)·d_M`` with ``d`` the Euclidean distance and ``d_M`` the
+    Jaccard distance of the query's kq nearest gallery items (Eq. 6) and each gallery item's
+    expanded kg-reciprocal set (Eq. 7; ``paper`` counts the sets, ``reference`` weighs them as SIM's
+    ``re_ranking`` does, see :func:`_mnnr`)."""
     check_variant(variant)
     dt = resolve_dtype(dtype)
     qn = l2_normalize(query_feat, dt, name="query features")
@@ -68,7 +73,8 @@ def mnnr(query_feat: np.ndarray, gallery_feat: np.ndarray, *, kq: int = 12, kg: 
 def sim(query_feat: np.ndarray, gallery_feat: np.ndarray, *, lam: float = 0.01, K: int = 9, k_graph: int = 20,
         kq: int = 12, kg: int = 20, alpha: float = 0.3, variant: str = "paper",
         dtype: object = np.float32) -> np.ndarray:
-    """SIM Eq. 8: MNNR applied to the SGR distance (``alpha`` weighs the SGR distance)."""
+    """SIM Algorithm 1: SGR (Eq. 1–5), then MNNR (Eq. 6–8) on the SGR distance d_S:
+    ``d_SIM = α·d_S + (1 − α)·d_M`` (Eq. 8), the query's nearest neighbours ranked by d_S (Eq. 6)."""
     check_variant(variant)
     dt = resolve_dtype(dtype)
     qn = l2_normalize(query_feat, dt, name="query features")
