@@ -15,7 +15,8 @@ sensitivity to one parameter at a time around the preset.
 Run (each seed trains once and is cached in ``--out``):
 
     python benchmarks/sim_ablation.py --seeds 0 1 2 [--quick] [--threads 2] [--out runs/sim_ablation]
-    python benchmarks/sim_ablation.py --seeds 0 1 2 --stage train --seed-only 1   # one seed's training
+    python benchmarks/sim_ablation.py --stage train --seed-only 1       # one seed's training (cached)
+    python benchmarks/sim_ablation.py --stage evaluate --seed-only 1    # one seed's evaluation (cached)
 
 Prints mean ± std over the seeds (percent) and writes ``results.json`` into ``--out``.
 """
@@ -23,6 +24,7 @@ Prints mean ± std over the seeds (percent) and writes ``results.json`` into ``-
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -98,7 +100,12 @@ def sensitivity(validation: FeatureSet, preset: str) -> dict[str, list[dict[str,
 
 
 def evaluate_seed(seed: int, out: Path) -> dict[str, Any]:
-    """Every inference with its preset and tuned on validation, both protocols; diagnostics."""
+    """Every inference with its preset and tuned on validation, both protocols; diagnostics.
+    Cached in ``seed<N>/evaluation.json`` (delete it to re-evaluate)."""
+    cache = out / f"seed{seed}" / "evaluation.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    start = time.perf_counter()
     results: dict[str, Any] = {}
     for name, (_, preset) in PROTOCOLS.items():
         features = load_features(out / f"seed{seed}" / f"features_{name}.npz")
@@ -112,6 +119,8 @@ def evaluate_seed(seed: int, out: Path) -> dict[str, Any]:
         entry["sensitivity_validation"] = sensitivity(features.validation, preset)
         results[name] = entry
         print(f"seed {seed} {name}: evaluated", flush=True)
+    print(f"seed {seed}: evaluated in {time.perf_counter() - start:.0f} s", flush=True)
+    write_json_atomic(cache, results)
     return results
 
 
@@ -153,7 +162,8 @@ def print_tables(per_seed: dict[int, dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the baseline")
-    parser.add_argument("--seed-only", type=int, default=None, help="with --stage train: train only this seed")
+    parser.add_argument("--seed-only", type=int, default=None,
+                        help="train (--stage train) or evaluate (--stage evaluate) only this seed; its result is cached")
     parser.add_argument("--stage", choices=("train", "evaluate", "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="the demo's --quick sizes (120 identities, 4 epochs)")
     parser.add_argument("--threads", type=int, default=2)
@@ -169,7 +179,9 @@ def main() -> None:
     if args.stage in ("train", "all"):
         for seed in [args.seed_only] if args.seed_only is not None else args.seeds:
             train_seed(seed, settings, root, out, args.threads)
-    if args.stage in ("evaluate", "all"):
+    if args.stage == "evaluate" and args.seed_only is not None:
+        evaluate_seed(args.seed_only, out)
+    elif args.stage in ("evaluate", "all"):
         per_seed = {seed: evaluate_seed(seed, out) for seed in args.seeds}
         write_json_atomic(out / "results.json", {"settings": {"num_ids": settings.num_ids, "epochs": settings.epochs,
                                                                "val_ids": settings.val_ids, "quick": args.quick},

@@ -205,3 +205,25 @@ def test_cli_tuning_errors_are_one_line(tmp_path: Path, options: list[str], mess
     assert main(["evaluate", str(path), "--protocol", "sysu", *options]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_validation_protocol_applies_the_test_rule_to_held_out_records() -> None:
+    from vireid.data.protocols import build_validation_protocol
+    from vireid.data.records import ImageRecord, Modality
+
+    records = [ImageRecord(Path(f"/d/{pid}/{cam}_{i}.jpg"), pid, cam, Modality.INFRARED if cam in (3, 6) else Modality.VISIBLE)
+               for pid in (7, 9) for cam in (1, 2, 3, 4, 6) for i in range(3)]
+    sysu = build_validation_protocol("sysu", records, permutations="seeded", shots=1)
+    assert len(sysu.trials) == 10 and sysu.metric == "sysu"
+    assert all({r.cam for r in t.query} <= {3, 6} and len(t.gallery) == 2 * 3 for t in sysu.trials)  # 1 per (id, cam)
+    regdb = build_validation_protocol("regdb", records, direction="thermal-visible", trials=[2, 3])
+    assert len(regdb.trials) == 1 and all(r.modality == Modality.INFRARED for r in regdb.trials[0].query)
+    assert len(regdb.trials[0].gallery) == 2 * 3 * 3
+    market = build_validation_protocol("market", records, query_modality=Modality.VISIBLE)
+    assert {r.modality for r in market.trials[0].query} == {Modality.VISIBLE} and len(market.trials[0].gallery) == 12
+    llcm = build_validation_protocol("llcm", records, trials=[0])
+    assert {r.cam for r in llcm.trials[0].query} == {3, 6}
+    with pytest.raises(InputError, match="unknown protocol 'sysuu'"):
+        build_validation_protocol("sysuu", records)
+    with pytest.raises(InputError, match="protocol sysu: unknown parameter 'shot'"):
+        build_validation_protocol("sysu", records, shot=1)
