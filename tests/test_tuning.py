@@ -227,3 +227,17 @@ def test_validation_protocol_applies_the_test_rule_to_held_out_records() -> None
         build_validation_protocol("sysuu", records)
     with pytest.raises(InputError, match="protocol sysu: unknown parameter 'shot'"):
         build_validation_protocol("sysu", records, shot=1)
+
+
+def test_max_trials_uses_the_first_validation_trials_only() -> None:
+    val = _set(3, num_gallery=60)
+    rows = np.arange(60)
+    trials = np.stack([rows[t::3] for t in range(3)])                    # three disjoint galleries of 20
+    val = val.select_rows(np.arange(40), rows, trial_gallery_index=trials)
+    two = val.select_rows(np.arange(40), rows, trial_gallery_index=trials[:2])
+    got = tune_rerank(val, "sysu", "aim", grid={"k1": [2, 4, 8], "k2": [1]}, max_trials=2)
+    want = tune_rerank(two, "sysu", "aim", grid={"k1": [2, 4, 8], "k2": [1]})
+    assert got.points == want.points and got.num_trials == 2
+    assert got.points != tune_rerank(val, "sysu", "aim", grid={"k1": [2, 4, 8], "k2": [1]}).points
+    with pytest.raises(InputError, match="max_trials must be >= 1"):
+        tune_rerank(val, "sysu", "aim", max_trials=0)

@@ -63,6 +63,7 @@ class Tuning:
     points: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     base_score: float | None = None
+    num_trials: int = 0
 
     @property
     def best(self) -> dict[str, Any]:
@@ -74,10 +75,11 @@ class Tuning:
         return dict(self.best["params"])
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON: method, variant, metric, the searched grid, base (preset) values, chosen values,
-        and every evaluated point (parameters, metric value, rank-1, mAP, mINP on validation)."""
+        """JSON: method, variant, metric, validation trials used, the searched grid, base (preset)
+        values, chosen values, and every evaluated point (parameters, metric value, rank-1, mAP,
+        mINP on validation)."""
         return {"method": self.method, "variant": self.variant, "metric": self.metric, "on": "val",
-                "grid": self.grid, "base": self.base, "chosen": self.chosen,
+                "validation_trials": self.num_trials, "grid": self.grid, "base": self.base, "chosen": self.chosen,
                 "validation_score": self.best["score"], "base_validation_score": self.base_score,
                 "points": self.points, "skipped": self.skipped}
 
@@ -97,23 +99,28 @@ def grid_points(base: Mapping[str, int | float], grid: Mapping[str, Sequence[int
 def tune_rerank(validation: FeatureSet, protocol: str | Protocol, method: str, *, metric: str = "mAP",
                 variant: str | None = None, preset: str | None = None, fixed: Mapping[str, object] | None = None,
                 grid: Mapping[str, Sequence[int | float]] | None = None, dtype: object = np.float32,
-                progress: bool = False) -> Tuning:
+                max_trials: int | None = None, progress: bool = False) -> Tuning:
     """Grid search of ``method`` on ``validation`` (only the validation identities are read).
 
     Every point is the preset's (or default) values with the grid's values on top; ``fixed``
     parameters are never searched. The base point (no grid values) is evaluated first, so a
     tie keeps it. Points invalid for the validation gallery (a k larger than it, ``K > k_graph``,
     …) are skipped and listed. The score is ``metric`` (``mAP``, ``r1`` or ``mINP``) averaged
-    over the validation trials; the highest wins.
+    over the validation trials (the first ``max_trials`` of them when given); the highest wins.
     """
     if metric not in TUNE_METRICS:
         raise InputError(f"unknown tuning metric {metric!r} (choose from {', '.join(TUNE_METRICS)})")
+    if max_trials is not None and max_trials < validation.num_trials:
+        if max_trials < 1:
+            raise InputError(f"max_trials must be >= 1, got {max_trials}")
+        validation = dataclasses.replace(validation, trial_query_index=_first(validation.trial_query_index, max_trials),
+                                         trial_gallery_index=_first(validation.trial_gallery_index, max_trials))
     spec = get_method(method)
     fixed = dict(fixed or {})
     base = resolve_rerank(method, variant=variant, params=fixed, preset=preset, dtype=dtype)
     searched = {name: list(values) for name, values in (spec.grid if grid is None else grid).items()
                 if name not in fixed}
-    tuning = Tuning(spec.name, base.variant, metric, dict(base.params), searched)
+    tuning = Tuning(spec.name, base.variant, metric, dict(base.params), searched, num_trials=validation.num_trials)
     num_gallery = smallest_gallery(validation)
     candidates = grid_points(base.params, searched)
     for params in tqdm(candidates, desc=f"tuning {spec.name} on val", disable=not progress):
@@ -133,6 +140,10 @@ def tune_rerank(validation: FeatureSet, protocol: str | Protocol, method: str, *
         raise InputError(f"tuning {spec.name}: no grid point is valid for the validation gallery of {num_gallery} "
                          f"images ({tuning.skipped[0]['reason']})")
     return tuning
+
+
+def _first(index: np.ndarray | None, count: int) -> np.ndarray | None:
+    return None if index is None else index[:count]
 
 
 def require_validation(features: FeatureSet, source: str) -> FeatureSet:
@@ -160,11 +171,12 @@ class PresetAndTuned:
 def preset_and_tuned(features: FeatureSet, protocol: str | Protocol, method: str, *, source: str = "features",
                      metric: str = "mAP", variant: str | None = None, preset: str | None = None,
                      fixed: Mapping[str, object] | None = None, dtype: object = np.float32,
-                     max_rank: int = MAX_RANK, progress: bool = False) -> PresetAndTuned:
-    """Tune ``method`` on ``features.validation``, then evaluate the test trials once with the preset
-    values and once with the chosen values."""
+                     max_rank: int = MAX_RANK, max_trials: int | None = None,
+                     progress: bool = False) -> PresetAndTuned:
+    """Tune ``method`` on ``features.validation`` (its first ``max_trials`` trials when given), then
+    evaluate the test trials once with the preset values and once with the chosen values."""
     tuning = tune_rerank(require_validation(features, source), protocol, method, metric=metric, variant=variant,
-                         preset=preset, fixed=fixed, dtype=dtype, progress=progress)
+                         preset=preset, fixed=fixed, dtype=dtype, max_trials=max_trials, progress=progress)
     test_gallery = smallest_gallery(features)
     preset_settings = resolve_rerank(method, num_gallery=test_gallery, variant=variant, params=fixed, preset=preset,
                                      dtype=dtype)
