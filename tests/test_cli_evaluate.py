@@ -127,7 +127,7 @@ def test_help_explains_every_option(capsys) -> None:
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--protocol", "--json", "--distance", "--ranked", "--rerank", "--variant", "--preset",
-                   "--param", "--dtype", "--max-rank"):
+                   "--param", "--dtype", "--max-rank", "--tune-on", "--tune-metric"):
         assert option in text
 
 

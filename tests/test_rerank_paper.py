@@ -65,14 +65,15 @@ def _jaccard(a: dict[int, float], b: dict[int, float]) -> float:
 
 
 def loop_mnnr(d_qg: np.ndarray, g: np.ndarray, kq: int, kg: int, alpha: float) -> np.ndarray:
-    """SIM Eq. 6–8: Jaccard of exp(−d) over the query's kq nearest and the gallery's kg-reciprocal sets."""
+    """SIM Eq. 6–8: α·d + (1 − α)·(1 − |N ∩ R*| / |N ∪ R*|) with N the query's kq nearest gallery items
+    (by the input distance d) and R* the gallery item's expanded kg-reciprocal set; |·| counts items."""
     d_gg = _euclid(_unit(g), _unit(g))
-    gallery = [{m: np.exp(-d_gg[j, m]) for m in _expanded(d_gg, j, kg)} for j in range(len(g))]
+    gallery = [_expanded(d_gg, j, kg) for j in range(len(g))]
     out = np.empty_like(d_qg)
     for i in range(len(d_qg)):
-        query = {m: np.exp(-d_qg[i, m]) for m in _nearest(d_qg[i], kq)}
+        query = set(_nearest(d_qg[i], kq))
         for j in range(len(g)):
-            out[i, j] = alpha * d_qg[i, j] + (1 - alpha) * _jaccard(query, gallery[j])
+            out[i, j] = alpha * d_qg[i, j] + (1 - alpha) * (1 - len(query & gallery[j]) / len(query | gallery[j]))
     return out
 
 

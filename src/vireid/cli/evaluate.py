@@ -15,7 +15,6 @@ from vireid.cli.options import parse_key_values
 if TYPE_CHECKING:
     import numpy as np
 
-    from vireid.evaluation.evaluator import DistanceFn
     from vireid.features import FeatureSet
 
 PROTOCOL_CHOICES = ("sysu", "regdb", "llcm", "market")
@@ -28,7 +27,17 @@ L2-normalised features; a file from an XIV model (key gallery_feat_x) uses XIV's
 evaluators do. Protocols: sysu (AGW eval_sysu: cam-3 queries ignore cam-2 gallery, identity-level CMC),
 regdb (AGW eval_regdb: nothing removed, image-level CMC), llcm (LLCM eval_llcm: same identity and
 camera removed, identity-level CMC), market (Market-1501/torchreid: same identity and camera removed,
-image-level CMC)."""
+image-level CMC).
+
+--rerank takes one method or a comma-separated list (aim,sim,krr). With --tune-on val, each method's
+parameters are chosen by a grid search on the validation identities stored in the file (keys
+val_query_feat, ...; written by `vireid extract` when the training run held identities out): the best
+--tune-metric over the validation trials wins, then the test set is evaluated once with the preset
+(or default) values and once with the chosen values; both are printed and written to --json. Grids:
+aim k1 2,4,8,20,30 x k2 1,2,6; sgr lam 0.01,0.1,0.3 x K 1,3,5,9; mnnr kq 4,8,12 x kg 5,10,20 x
+alpha 0.3,0.6,0.9; sim lam 0.01,0.1 x K 1,3,9 x kq 4,12 x kg 5,20 x alpha 0.3,0.6,0.9; krr k1 5,10,20
+x k2 1,3,6 x lam 0.1,0.3,0.6 (other parameters keep the preset or default; --param values are never
+searched)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,15 +53,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "rows of FEATURES.npz (smaller = closer) instead of computing one")
     source.add_argument("--ranked", metavar="RANKS.npz", help="evaluate ranked lists: key ranked_index (Q, K) of "
                         "gallery rows, best first, -1 pads; positives outside a list count as not retrieved")
-    source.add_argument("--rerank", metavar="M", help="re-rank with method M (plain, aim, sgr, mnnr, sim, krr) "
-                        "per trial, then evaluate")
+    source.add_argument("--rerank", metavar="M[,M...]", help="re-rank with method M (plain, aim, sgr, mnnr, sim, "
+                        "krr) per trial, then evaluate; a comma-separated list evaluates each")
     parser.add_argument("--variant", choices=("reference", "paper"),
                         help="with --rerank: reproduce the reference code or the paper's equations "
                         "(unset: the method's own default)")
     parser.add_argument("--preset", metavar="P", help="with --rerank: the papers' parameters for a protocol "
                         "(sysu, sysu-multishot, sysu-indoor, regdb)")
     parser.add_argument("--param", metavar="NAME=VALUE", action="append", default=[],
-                        help="with --rerank: set one method parameter, overriding the preset (repeatable)")
+                        help="with --rerank of one method: set one parameter, overriding the preset (repeatable)")
+    parser.add_argument("--tune-on", choices=("val",), default=None,
+                        help="with --rerank: also choose each method's parameters by a grid search on the file's "
+                        "validation identities (never the test set) and report preset and tuned results")
+    parser.add_argument("--tune-metric", choices=("mAP", "r1", "mINP"), default=None,
+                        help="with --tune-on: the validation metric the grid search maximises (default: mAP)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="precision of the computed distance (plain or re-ranked)")
     parser.add_argument("--max-rank", type=int, default=20, help="longest CMC rank reported")
@@ -74,10 +88,19 @@ def run(args: argparse.Namespace) -> int:
     if args.max_rank < 1:
         raise InputError(f"--max-rank must be >= 1, got {args.max_rank}")
     rerank_only = [flag for flag, value in (("--variant", args.variant), ("--preset", args.preset),
-                                            ("--param", args.param)) if value]
+                                            ("--param", args.param), ("--tune-on", args.tune_on)) if value]
     if rerank_only and not args.rerank:
         raise InputError(f"{', '.join(rerank_only)} only apply with --rerank")
+    if args.tune_metric and not args.tune_on:
+        raise InputError("--tune-metric only applies with --tune-on")
+    methods = [m.strip() for m in args.rerank.split(",")] if args.rerank else []
+    if args.rerank and (not all(methods) or len(set(methods)) != len(methods)):
+        raise InputError(f"--rerank {args.rerank!r}: expected distinct method names separated by commas")
+    if args.param and len(methods) > 1:
+        raise InputError("--param applies to one method; give --rerank a single method to set parameters")
     features = load_features(args.features)
+    if args.tune_on or len(methods) > 1:
+        return _several(args, features, methods)
     if args.distance:
         dist = _load_npy(Path(args.distance))
         evaluation = evaluate_precomputed(features, dist, args.protocol, source=args.distance,
@@ -89,10 +112,14 @@ def run(args: argparse.Namespace) -> int:
                                            max_rank=args.max_rank)
         name = f"ranked lists ({Path(args.ranked).name})"
     elif args.rerank:
-        distance_fn, info = _rerank_distance(args, features)
-        evaluation = evaluate_features(features, args.protocol, distance_fn=distance_fn, distance_info=info,
-                                       max_rank=args.max_rank)
-        name = f"{info['method']} ({info['variant']})"
+        from vireid.evaluation.tuning import evaluate_rerank, smallest_gallery
+        from vireid.retrieval import resolve_rerank
+
+        settings = resolve_rerank(methods[0], num_gallery=smallest_gallery(features), variant=args.variant,
+                                  params=parse_key_values(args.param, "--param", typed=False), preset=args.preset,
+                                  dtype=args.dtype)
+        evaluation = evaluate_rerank(features, args.protocol, settings, max_rank=args.max_rank)
+        name = f"{settings.method} ({settings.variant})"
     elif "gallery_feat_x" in features.extras:
         from vireid.models.methods.xiv import xiv_distance
 
@@ -152,17 +179,46 @@ def _load_ranked(path: Path) -> np.ndarray:
         raise InputError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc}); truncated or damaged?") from None
 
 
-def _rerank_distance(args: argparse.Namespace, features: FeatureSet) -> tuple[DistanceFn, dict]:
-    """Validate the re-ranking options once (smallest trial gallery), then re-rank each trial."""
-    from vireid.retrieval import rerank, resolve_rerank
+def _several(args: argparse.Namespace, features: FeatureSet, methods: list[str]) -> int:
+    """Each method of ``--rerank``; with ``--tune-on val`` each with its preset (or default) values and
+    with the values its grid search picks on the validation identities. One table, one JSON."""
+    from vireid.evaluation.report import evaluation_to_dict, format_table
+    from vireid.evaluation.tuning import evaluate_rerank, preset_and_tuned, smallest_gallery
+    from vireid.io import write_json_atomic
+    from vireid.retrieval import METHODS, resolve_rerank
 
     params = parse_key_values(args.param, "--param", typed=False)
-    smallest_gallery = min(len(features.trial_rows(t)[1]) for t in range(features.num_trials))
-    settings = resolve_rerank(args.rerank, num_gallery=smallest_gallery, variant=args.variant, params=params,
-                              preset=args.preset, dtype=args.dtype)
-
-    def distance(trial: FeatureSet) -> np.ndarray:
-        return rerank(settings.method, trial.query_feat, trial.gallery_feat, variant=settings.variant,
-                      params=settings.params, dtype=settings.dtype)
-
-    return distance, settings.to_dict()
+    metric = args.tune_metric or "mAP"
+    for method in methods:                                   # every name checked before any work
+        resolve_rerank(method, variant=args.variant, params=params, preset=args.preset, dtype=args.dtype)
+    rows, entries, notes = [], {}, []
+    base = args.preset or "defaults"
+    for method in methods:
+        if args.tune_on and METHODS[method].params:
+            both = preset_and_tuned(features, args.protocol, method, source=args.features, metric=metric,
+                                    variant=args.variant, preset=args.preset, fixed=params, dtype=args.dtype,
+                                    max_rank=args.max_rank, progress=True)
+            tuning = both.tuning
+            chosen = ", ".join(f"{k}={v:g}" for k, v in tuning.chosen.items() if k in tuning.grid)
+            rows += [(f"{method} ({base})", both.preset.mean), (f"{method} (tuned on val: {chosen})", both.tuned.mean)]
+            entries[method] = both.to_dict()
+            base_score = "n/a" if tuning.base_score is None else f"{100 * tuning.base_score:.2f}"
+            notes.append(f"{method}: validation {metric} {base_score} with {base}, {100 * tuning.best['score']:.2f} "
+                         f"with {chosen} ({len(tuning.points)} grid points, {len(tuning.skipped)} skipped)")
+        else:
+            settings = resolve_rerank(method, num_gallery=smallest_gallery(features), variant=args.variant,
+                                      params=params, preset=args.preset, dtype=args.dtype)
+            evaluation = evaluate_rerank(features, args.protocol, settings, max_rank=args.max_rank)
+            rows.append((f"{method} ({settings.variant})", evaluation.mean))
+            entries[method] = evaluation_to_dict(evaluation)
+    print(f"protocol {args.protocol}; {features.num_trials} trial(s); mean over trials"
+          + (f"; parameters tuned on the validation identities by {metric}" if args.tune_on else ""))
+    print(format_table(rows))
+    for note in notes:
+        print(note)
+    if args.json:
+        write_json_atomic(args.json, {"features": str(args.features), "protocol": args.protocol,
+                                      "tune": {"on": args.tune_on, "metric": metric} if args.tune_on else None,
+                                      "methods": entries})
+        print(f"wrote {args.json}")
+    return 0

@@ -320,6 +320,32 @@ PROTOCOLS: dict[str, tuple[Callable[..., Protocol], Callable[[VIDataset], tuple[
 
 def build_protocol(name: str, dataset: VIDataset, **params: Any) -> Protocol:
     """Protocol ``name`` over ``dataset``'s test records with keyword ``params`` (see the functions)."""
+    func, arguments = _protocol_entry(name, params)
+    return func(*arguments(dataset), **params)
+
+
+def build_validation_protocol(name: str, records: Sequence[ImageRecord], *, query_modality: Modality = Modality.INFRARED,
+                              **params: Any) -> Protocol:
+    """Protocol ``name`` applied to the *validation* identities' ``records`` (held out of training).
+
+    The same selection rule as on the test set, with the same ``params``: SYSU (official or AGW)
+    and LLCM select queries and galleries from the records exactly as from test records; RegDB has
+    one trial (the records are one split, both modalities, in the ``direction`` asked for); a
+    ``market`` split has no query/gallery column for training records, so ``query_modality``
+    (the run's ``data.val_mode``) queries the other modality.
+    """
+    func, _ = _protocol_entry(name, params)
+    if name == "regdb":
+        return regdb_protocol([records], **{k: v for k, v in params.items() if k != "trials"}, trials=(1,))
+    if name == "market":
+        query = [r for r in records if r.modality == query_modality]
+        return market_protocol(query, [r for r in records if r.modality != query_modality])
+    return func(records, **params)
+
+
+def _protocol_entry(name: str, params: Mapping[str, Any]
+                    ) -> tuple[Callable[..., Protocol], Callable[[VIDataset], tuple[Any, ...]]]:
+    """The registry entry of ``name`` after checking the name and the parameter names."""
     if name not in PROTOCOLS:
         close = difflib.get_close_matches(name, list(PROTOCOLS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -332,7 +358,7 @@ def build_protocol(name: str, dataset: VIDataset, **params: Any) -> Protocol:
             close = difflib.get_close_matches(key, accepted, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise InputError(f"protocol {name}: unknown parameter {key!r}{hint} (accepted: {', '.join(accepted) or 'none'})")
-    return func(*arguments(dataset), **params)
+    return func, arguments
 
 
 # --------------------------------------------------------------------------- features

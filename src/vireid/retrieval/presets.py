@@ -8,6 +8,9 @@ Presets carry the papers' settings per protocol: SAAI ``engine/__init__.py`` (AI
 single-shot 4/1, multi-shot 20/6, indoor single-shot 2/2, RegDB 8/2) and SIM's evaluation
 scripts (SYSU λ 0.01, K 9, kq 12, kg 20, α 0.3; RegDB λ 0.1, K 5, kq 9, kg 20, α 0.7).
 k-reciprocal re-ranking uses Zhong et al.'s 20/6/0.3 everywhere.
+
+``MethodSpec.grid`` is the small grid that ``vireid evaluate --tune-on val`` searches on the
+validation identities (the other parameters keep their preset or default values).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class MethodSpec:
     params: tuple[ParamSpec, ...]
     default_variant: str
     presets: Mapping[str, Mapping[str, int | float]] = field(default_factory=dict)
+    grid: Mapping[str, tuple[int | float, ...]] = field(default_factory=dict)
+    """Values searched when parameters are chosen on validation identities (every combination)."""
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:
@@ -57,12 +62,13 @@ class MethodSpec:
 
 _K1_AIM = ParamSpec("k1", int, 30, 1, "affinities kept per row (SAAI Eq. 6)")
 _K2_AIM = ParamSpec("k2", int, 6, 1, "gallery neighbours averaged, self included (SAAI Eq. 7); <= k1")
-_LAM_SGR = ParamSpec("lam", float, 0.01, 0.0, "weight λ of gallery-gallery edges (SIM Eq. 3)")
+_LAM_SGR = ParamSpec("lam", float, 0.01, 0.0, "weight λ of gallery-gallery edges (SIM Eq. 1)")
 _K_SGR = ParamSpec("K", int, 9, 1, "shortest paths averaged (SIM Eq. 5); <= k_graph")
-_KGRAPH = ParamSpec("k_graph", int, 20, 1, "gallery neighbours of each gallery node, self included")
+_KGRAPH = ParamSpec("k_graph", int, 20, 1, "gallery neighbours of each gallery node, self included "
+                   "(SIM Sec. 3.2, Algorithm 1 line 4)")
 _KQ = ParamSpec("kq", int, 12, 1, "query nearest gallery neighbours (SIM Eq. 6)")
 _KG = ParamSpec("kg", int, 20, 1, "gallery reciprocal-neighbour size (SIM Eq. 7)")
-_ALPHA = ParamSpec("alpha", float, 0.3, 0.0, "weight of the input distance (SIM Eq. 8)", 1.0)
+_ALPHA = ParamSpec("alpha", float, 0.3, 0.0, "weight α of the input (SGR) distance (SIM Eq. 8)", 1.0)
 
 _SIM_SYSU = {"lam": 0.01, "K": 9, "k_graph": 20, "kq": 12, "kg": 20, "alpha": 0.3}
 _SIM_REGDB = {"lam": 0.1, "K": 5, "k_graph": 20, "kq": 9, "kg": 20, "alpha": 0.7}
@@ -79,25 +85,30 @@ def _sim_presets(names: tuple[str, ...]) -> dict[str, dict[str, int | float]]:
 
 _KRR_PAPER = {"k1": 20, "k2": 6, "lam": 0.3}
 
+_GRID_MNNR = {"kq": (4, 8, 12), "kg": (5, 10, 20), "alpha": (0.3, 0.6, 0.9)}
+
 METHODS: dict[str, MethodSpec] = {
     "plain": MethodSpec("plain", "−qᵀg of L2-normalised features", (), "reference"),
     "aim": MethodSpec(
         "aim", "SAAI affinity inference (Eq. 6–10)", (_K1_AIM, _K2_AIM), "reference",
         {"sysu": {"k1": 4, "k2": 1}, "sysu-multishot": {"k1": 20, "k2": 6}, "sysu-indoor": {"k1": 2, "k2": 2},
          "regdb": {"k1": 8, "k2": 2}},
+        {"k1": (2, 4, 8, 20, 30), "k2": (1, 2, 6)},
     ),
     "sgr": MethodSpec("sgr", "SIM similarity graph reasoning (Eq. 1–5)", (_LAM_SGR, _K_SGR, _KGRAPH), "paper",
-                      _sim_presets(("lam", "K", "k_graph"))),
+                      _sim_presets(("lam", "K", "k_graph")), {"lam": (0.01, 0.1, 0.3), "K": (1, 3, 5, 9)}),
     "mnnr": MethodSpec("mnnr", "SIM mutual nearest-neighbour reasoning (Eq. 6–8)", (_KQ, _KG, _ALPHA), "paper",
-                       _sim_presets(("kq", "kg", "alpha"))),
+                       _sim_presets(("kq", "kg", "alpha")), _GRID_MNNR),
     "sim": MethodSpec("sim", "SIM: SGR then MNNR", (_LAM_SGR, _K_SGR, _KGRAPH, _KQ, _KG, _ALPHA), "paper",
-                      _sim_presets(tuple(_SIM_SYSU))),
+                      _sim_presets(tuple(_SIM_SYSU)),
+                      {"lam": (0.01, 0.1), "K": (1, 3, 9), "kq": (4, 12), "kg": (5, 20), "alpha": (0.3, 0.6, 0.9)}),
     "krr": MethodSpec(
         "krr", "k-reciprocal re-ranking (Zhong et al. 2017)",
         (ParamSpec("k1", int, 20, 1, "k of the k-reciprocal sets (Zhong Eq. 3–4)"),
          ParamSpec("k2", int, 6, 1, "neighbours of the local query expansion, self included (Eq. 11); <= k1+1"),
          ParamSpec("lam", float, 0.3, 0.0, "weight λ of the original distance (Eq. 12)", 1.0)),
         "reference", {name: dict(_KRR_PAPER) for name in PRESETS},
+        {"k1": (5, 10, 20), "k2": (1, 3, 6), "lam": (0.1, 0.3, 0.6)},
     ),
 }
 

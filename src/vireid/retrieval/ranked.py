@@ -46,6 +46,7 @@ from vireid.retrieval.exact import euclidean_from_similarity
 from vireid.retrieval.graph import (
     NeighbourGraph,
     build_graph,
+    expanded_k_reciprocal_sets,
     farthest_similarity,
     reverse_neighbours,
     rows_to_csr,
@@ -189,12 +190,9 @@ def _normalise_csr_rows(matrix: sp.csr_matrix) -> sp.csr_matrix:
     return matrix
 
 
-def _reciprocal_weights(graph: NeighbourGraph, base: np.ndarray, k: int, *, min_sim: np.ndarray | None
-                        ) -> sp.csr_matrix:
-    """Zhong Eq. 4–7 vectors over R*(i); with ``min_sim`` the reference form (squared distances over
-    the row maximum, rows summing to 1), without it the paper form (``exp(−d)``)."""
-    if min_sim is None:
-        return reciprocal_vectors(base, graph, k, row_scale=None, squared=False, normalize=False)
+def _reciprocal_weights(graph: NeighbourGraph, base: np.ndarray, k: int, *, min_sim: np.ndarray) -> sp.csr_matrix:
+    """Zhong Eq. 4–7 vectors over R*(i) in the reference form: squared distances over the row
+    maximum (``2 − 2·min_sim``), rows summing to 1."""
     row_max = np.maximum(2.0 - 2.0 * min_sim, 0.0)
     return reciprocal_vectors(base, graph, k, row_scale=row_max, squared=True, normalize=True)
 
@@ -277,15 +275,16 @@ def _sgr_for_items(q: np.ndarray, gn: np.ndarray, items: np.ndarray, nbr: np.nda
 
 def _rank_sim(qn: np.ndarray, index: NeighbourIndex, p: Mapping[str, float], topk: int, query_k: int,
               options: RankedOptions) -> tuple[np.ndarray, np.ndarray]:
-    """SIM paper variant: SGR (Eq. 1–5), then MNNR (Eq. 6–8: ``α d' + (1 − α) d_J``, ``exp(−d')``
-    query weights on the kq nearest, Σmin/Σmax Jaccard) on each query's graph-expanded candidates."""
+    """SIM paper variant: SGR (Eq. 1–5), then MNNR (Eq. 6–8: ``α d' + (1 − α) d_M``, ``d_M`` the
+    Jaccard distance of the sets N^c(q, kq) and R*(g, kg), counted) on each query's graph-expanded
+    candidates."""
     lam, K, k_graph = float(p["lam"]), int(p["K"]), int(p["k_graph"])
     kq, kg, alpha = int(p["kq"]), int(p["kg"]), float(p["alpha"])
     gn = index.base
     graph = build_graph(index, max(k_graph, kg + 1))
     nbr = np.ascontiguousarray(graph.index[:, :k_graph])
     nbr_dist = lam * graph.distance(k_graph)
-    gallery_weights = _reciprocal_weights(graph, gn, kg, min_sim=None)
+    gallery_weights = expanded_k_reciprocal_sets(graph, kg)
     gallery_sum = np.asarray(gallery_weights.sum(axis=1)).ravel().astype(np.float32)
     gallery_weights_t = gallery_weights.T.tocsr()
     del gallery_weights
@@ -299,7 +298,7 @@ def _rank_sim(qn: np.ndarray, index: NeighbourIndex, p: Mapping[str, float], top
         sgr = _sgr_for_items(qn[i], gn, cand, nbr, nbr_dist, K)
         support_pos = np.argpartition(sgr, kq - 1)[:kq] if len(cand) > kq else np.arange(len(cand))
         order = np.argsort(cand[support_pos])
-        support, support_weight = cand[support_pos][order], np.exp(-sgr[support_pos][order])
+        support, support_weight = cand[support_pos][order], np.ones(len(order), dtype=np.float32)
         items, overlap = _jaccard_overlap(gallery_weights_t, support, support_weight)
         extra = np.setdiff1d(items, cand, assume_unique=True)
         if len(extra):

@@ -2,7 +2,8 @@
 
 Jia et al., "A Similarity Inference Metric for RGB-Infrared Cross-Modality Person
 Re-identification", IJCAI 2020.  Both use only gallery–gallery similarities (one modality,
-so reliable) to correct the cross-modality query–gallery distance.
+so reliable) to correct the cross-modality query–gallery distance.  Equation numbers are the
+paper's; its audit, paper against public code, is ``docs/methods/sim.md``.
 
 Layout: SGR treats every query row independently (its sequential reference update too), so it
 runs over blocks of queries; inside a block it works on the transposed distance ``(G, B)`` so
@@ -24,6 +25,7 @@ from vireid.retrieval.exact import (
     WORKER_THREADS, NeighbourGraph, block_rows, check_variant, euclidean_from_similarity, l2_normalize,
     resolve_dtype, top_k_neighbours, topk_smallest,
 )
+from vireid.retrieval.graph import expanded_k_reciprocal_sets
 from vireid.retrieval.kreciprocal import blend_jaccard, reciprocal_vectors, shared_mass
 
 SGR_COLUMNS_PER_TASK = 64
@@ -32,10 +34,12 @@ SGR_COLUMNS_PER_TASK = 64
 
 def sgr(query_feat: np.ndarray, gallery_feat: np.ndarray, *, lam: float = 0.01, K: int = 9, k_graph: int = 20,
         variant: str = "paper", dtype: object = np.float32) -> np.ndarray:
-    """SIM Eq. 1–5 (SGR): d'(q, g_j) = mean of the K shortest paths q → g_n → g_j, n ∈ N(g_j, k_graph).
+    """SIM Eq. 1–5 (SGR): d_S(q, g_j) = mean of the K shortest paths q → g_n → g_j, n ∈ N(g_j, k_graph).
 
-    A path's length is ``d(q, g_n) + λ·d(g_n, g_j)`` (Euclidean distances of L2-normalised
-    features; the direct edge is the path through n = j).  ``paper`` computes every column
+    Edges (Eq. 1): ``d(q, g_n)`` and ``λ·d(g_n, g_j)`` (Euclidean distances of L2-normalised
+    features); the triangle inequality (Eq. 3) reduces the shortest paths (Eq. 2) to two hops
+    (Eq. 4), the direct edge being the path through n = j; Eq. 5 averages the K shortest, and
+    only the k_graph nearest gallery neighbours of g_j are kept (Sec. 3.2, Algorithm 1).  ``paper`` computes every column
     from the input distances (independent of gallery order); ``reference`` reproduces SIM's
     ``graph_reasoning``, which overwrites columns in gallery order, so later columns read
     already-updated ones.
@@ -50,8 +54,10 @@ def sgr(query_feat: np.ndarray, gallery_feat: np.ndarray, *, lam: float = 0.01, 
 
 def mnnr(query_feat: np.ndarray, gallery_feat: np.ndarray, *, kq: int = 12, kg: int = 20, alpha: float = 0.3,
          variant: str = "paper", dtype: object = np.float32) -> np.ndarray:
-    """SIM Eq. 6–8 (MNNR): Jaccard distance of the query's kq nearest gallery items and each
-    gallery item's kg-reciprocal set, mixed with the input distance by ``alpha``."""
+    """SIM Eq. 6–8 (MNNR): ``α·d + (1 − α)·d_M`` with ``d`` the Euclidean distance and ``d_M`` the
+    Jaccard distance of the query's kq nearest gallery items (Eq. 6) and each gallery item's
+    expanded kg-reciprocal set (Eq. 7; ``paper`` counts the sets, ``reference`` weighs them as SIM's
+    ``re_ranking`` does, see :func:`_mnnr`)."""
     check_variant(variant)
     dt = resolve_dtype(dtype)
     qn = l2_normalize(query_feat, dt, name="query features")
@@ -67,7 +73,8 @@ def mnnr(query_feat: np.ndarray, gallery_feat: np.ndarray, *, kq: int = 12, kg: 
 def sim(query_feat: np.ndarray, gallery_feat: np.ndarray, *, lam: float = 0.01, K: int = 9, k_graph: int = 20,
         kq: int = 12, kg: int = 20, alpha: float = 0.3, variant: str = "paper",
         dtype: object = np.float32) -> np.ndarray:
-    """SIM Eq. 8: MNNR applied to the SGR distance (``alpha`` weighs the SGR distance)."""
+    """SIM Algorithm 1: SGR (Eq. 1–5), then MNNR (Eq. 6–8) on the SGR distance d_S:
+    ``d_SIM = α·d_S + (1 − α)·d_M`` (Eq. 8), the query's nearest neighbours ranked by d_S (Eq. 6)."""
     check_variant(variant)
     dt = resolve_dtype(dtype)
     qn = l2_normalize(query_feat, dt, name="query features")
@@ -258,16 +265,21 @@ def _mnnr(dist: np.ndarray, gn: np.ndarray, gallery: NeighbourGraph, kq: int, kg
           variant: str) -> np.ndarray:
     """MNNR on a query–gallery distance ``dist`` (Q, G), overwritten with the result and returned.
 
+    ``paper`` (SIM Eq. 6–8): N^c(q) = the query's kq nearest gallery items by ``dist`` (Eq. 6),
+    R*(g) = the gallery item's expanded kg-reciprocal set (itself included),
+    ``d_M = 1 − |N^c ∩ R*| / |N^c ∪ R*|`` on set sizes (Eq. 7), ``α·dist + (1 − α)·d_M`` (Eq. 8).
     ``reference`` (SIM ``re_ranking``): squared distances divided by their row maximum; the
-    query's plain top-(kq+1) gallery items; normalised Gaussian vectors; ``1 − m/(2 − m)``;
-    ``(1 − α) d_J + α d²/max``.  ``paper``: top-kq, ``exp(−d)`` vectors on the distances
-    themselves, Σmin/Σmax, ``α d + (1 − α) d_J``.
+    query's plain top-(kq+1) gallery items; Gaussian vectors normalised to sum 1 over the sets;
+    ``1 − m/(2 − m)`` with ``m = Σ min``; ``(1 − α) d_J + α d²/max``.
     """
     reference = variant == "reference"
-    row_scale = gallery.max_squared_distance() if reference else None
-    gallery_vectors = reciprocal_vectors(gn, gallery, kg, row_scale=row_scale, squared=reference,
-                                         normalize=reference)
-    gallery_sum = None if reference else np.asarray(gallery_vectors.sum(axis=1)).ravel()
+    if reference:
+        gallery_vectors = reciprocal_vectors(gn, gallery, kg, row_scale=gallery.max_squared_distance(),
+                                             squared=True, normalize=True)
+        gallery_sizes = None
+    else:
+        gallery_vectors = expanded_k_reciprocal_sets(gallery, kg)
+        gallery_sizes = np.diff(gallery_vectors.indptr).astype(np.float64)
     right = gallery_vectors.tocsc()
     num_query, num_gallery = dist.shape
     width = kq + 1 if reference else kq
@@ -277,9 +289,11 @@ def _mnnr(dist: np.ndarray, gn: np.ndarray, gallery: NeighbourGraph, kq: int, kg
             np.square(block, out=block)
             block /= block.max(axis=1, keepdims=True)
         near_dist, near = topk_smallest(block, width)
-        weight = np.exp(-near_dist)
         if reference:
+            weight = np.exp(-near_dist)
             weight /= weight.sum(axis=1, keepdims=True)
+        else:
+            weight = np.ones_like(near_dist)
         rows = near.shape[0]
         order = np.argsort(near, axis=1)
         query_vectors = sp.csr_matrix(
@@ -289,5 +303,5 @@ def _mnnr(dist: np.ndarray, gn: np.ndarray, gallery: NeighbourGraph, kq: int, kg
         if reference:
             dist[part] = blend_jaccard(block, mass, alpha)
         else:
-            dist[part] = blend_jaccard(block, mass, alpha, weight.sum(axis=1), gallery_sum)
+            dist[part] = blend_jaccard(block, mass, alpha, np.full(rows, float(width)), gallery_sizes)
     return dist
