@@ -233,6 +233,7 @@ def test_parameter_initialisation_scales():
 
 def test_dual_bnneck_uses_one_norm_per_modality():
     neck = DualBNNeck(5)
+    assert len(neck.norms) == 2
     for bn in neck.norms:
         assert not bn.bias.requires_grad and float(bn.bias.abs().max()) == 0.0
     feat = torch.randn(6, 5, generator=seeded(7))
@@ -300,7 +301,9 @@ def test_part_diversity_gradient_pushes_scores_apart():
     part_diversity_loss(scores).backward()
     assert scores.grad[0, 0, 0] < 0 < scores.grad[0, 1, 0]        # descent raises s_1, lowers s_2
     identical = torch.zeros(1, 2, 3, requires_grad=True)
-    part_diversity_loss(identical).backward()
+    loss = part_diversity_loss(identical)
+    assert abs(loss.item()) < 1e-5
+    loss.backward()
     assert torch.isfinite(identical.grad).all()
 
 
@@ -341,23 +344,38 @@ def test_center_separation_matches_loop():
     torch.testing.assert_close(centers[index[8]], feats[[2, 3, 8, 9]].mean(0))
 
 
+def _public_code_separation(feats: torch.Tensor, labels: torch.Tensor, k: int, rho1: float, rho2: float) -> float:
+    """The public code's CSLoss by loops: centre per sample, anchors rows 0, k, 2k, ... averaging over
+    the samples of other identities."""
+    n = len(labels)
+    centers = [feats[labels == labels[i]].mean(0) for i in range(n)]
+    compact = sum(max((feats[i] - centers[i]).norm().item() - rho1, 0.0) for i in range(n)) / n
+    rows = []
+    for i in range(0, n, k):
+        gaps = [max(rho2 - (centers[i] - centers[j]).norm().item(), 0.0) for j in range(n) if labels[j] != labels[i]]
+        rows.append(sum(gaps) / len(gaps))
+    return compact + sum(rows) / len(rows)
+
+
 def test_center_separation_batch_stride_matches_public_code_loop():
     # Unbalanced layout (all visible, then all infrared; 2 per id): rows 0, 4, 8, 12 are ids 0, 2, 0, 2.
     feats = torch.randn(16, 5, generator=seeded(4)) * 0.3
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 1, 1, 2, 2, 3, 3])
-    k, rho1, rho2 = 4, 0.01, 0.7
-    centers = {int(y): feats[labels == y].mean(0) for y in labels.unique()}
-    sample_centers = torch.stack([centers[int(y)] for y in labels])
-    compact = sum(max((feats[i] - sample_centers[i]).norm().item() - rho1, 0.0) for i in range(16)) / 16
-    rows = []
-    for i in range(0, 16, k):
-        gaps = [max(rho2 - (sample_centers[i] - sample_centers[j]).norm().item(), 0.0)
-                for j in range(16) if labels[j] != labels[i]]
-        rows.append(sum(gaps) / len(gaps))
-    expected = compact + sum(rows) / len(rows)
-    got = center_separation_loss(feats, labels, rho1, rho2, anchors="batch_stride", stride=k)
-    assert got.item() == pytest.approx(expected, rel=1e-5)
-    assert got.item() != pytest.approx(center_separation_loss(feats, labels, rho1, rho2).item(), rel=1e-3)
+    got = center_separation_loss(feats, labels, 0.01, 0.7, anchors="batch_stride", stride=4)
+    assert got.item() == pytest.approx(_public_code_separation(feats, labels, 4, 0.01, 0.7), rel=1e-5)
+    assert got.item() != pytest.approx(center_separation_loss(feats, labels, 0.01, 0.7).item(), rel=1e-3)
+
+
+def test_center_separation_batch_stride_default_stride_and_lone_negative():
+    feats = torch.randn(16, 3, generator=seeded(11)) * 0.2
+    labels = torch.tensor([0] * 7 + [1] + [2] + [3] * 7)
+    got = center_separation_loss(feats, labels, 0.01, 0.7, anchors="batch_stride")       # stride 8: rows 0, 8
+    assert got.item() == pytest.approx(_public_code_separation(feats, labels, 8, 0.01, 0.7), rel=1e-5)
+    assert got.item() != pytest.approx(_public_code_separation(feats, labels, 9, 0.01, 0.7), rel=1e-3)
+    # hand-worked: ids 0 (7 samples at 0) and 1 (one sample at 0.4); the anchor row 0 has one negative
+    line = torch.tensor([[0.0]] * 7 + [[0.4]])
+    lone = center_separation_loss(line, labels[:8], 0.0, 0.7, anchors="batch_stride")
+    assert lone.item() == pytest.approx(0.3, abs=1e-5)
 
 
 def test_center_separation_batch_stride_equals_paper_on_balanced_contiguous_batches():

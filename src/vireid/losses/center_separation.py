@@ -50,11 +50,10 @@ def center_separation_loss(features: Tensor, labels: Tensor, rho1: float = 0.01,
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         rows = torch.arange(0, len(labels), stride, device=features.device)
-        negatives = labels[rows].unsqueeze(1) != labels.unsqueeze(0)
-        if not bool(negatives.any()):
+        if len(centers) < 2:
             return compact
+        negatives = labels[rows].unsqueeze(1) != labels.unsqueeze(0)      # every row has one: M >= 2
         sample_centers = centers[index]
         gaps = (rho2 - pairwise_euclidean(sample_centers[rows], sample_centers, eps=eps)).clamp(min=0.0)
-        per_row = (gaps * negatives).sum(dim=1) / negatives.sum(dim=1).clamp(min=1)
-        return compact + per_row[negatives.any(dim=1)].mean()
+        return compact + ((gaps * negatives).sum(dim=1) / negatives.sum(dim=1)).mean()
     raise ValueError(f"anchors must be 'identities' or 'batch_stride', got {anchors!r}")
