@@ -125,9 +125,9 @@ def _reference_total(model: SAAIModel, images: torch.Tensor, modality: torch.Ten
     total = _reference_cross_entropy(logits, lab, prm.label_smoothing)
     total += prm.separation_weight * _reference_separation(feat, lab, prm.rho1, prm.rho2)
     if prm.diversity_weight > 0:
-        rms = prm.diversity_input == "masks"
         weight = prm.diversity_weight ** (2 if prm.diversity_weight_applied_twice else 1)
-        total += weight * _reference_diversity(_sigmoid(scores) if rms else scores, rms)
+        maps = _sigmoid(scores) if prm.diversity_input == "masks" else scores
+        total += weight * _reference_diversity(maps, prm.diversity_rms)
     return total
 
 
@@ -410,7 +410,8 @@ def test_center_separation_rejects_bad_options():
 
 @pytest.mark.parametrize("params", [
     {},                                                                     # the paper
-    {"position_in_values": False, "diversity_input": "masks", "diversity_weight_applied_twice": True},  # public code
+    {"position_in_values": False, "diversity_rms": True, "diversity_weight_applied_twice": True},  # public code
+    {"diversity_input": "scores"},                                          # Eq. 4 as printed
     {"separation_weight": 0.0, "diversity_weight": 0.0},                    # L_id only
     {"part_pooling": "horizontal", "diversity_weight": 0.0, "separation_weight": 0.0},   # the ablation's Base
     {"diversity_weight": 0.3, "separation_weight": 2.0, "rho1": 0.5, "rho2": 3.0, "label_smoothing": 0.1},
@@ -424,15 +425,17 @@ def test_total_loss_matches_independent_computation(params):
     assert ("cs" in logs) == (model.params.separation_weight > 0)
 
 
-def test_losses_use_the_pre_bn_descriptor_and_the_prototype_scores():
+def test_losses_use_the_pre_bn_descriptor_and_the_prototype_masks():
     # The same loss on a different input would change the value: L_cs(F^) != L_cs(BN(F^)),
-    # L_pd(scores) != L_pd(masks); the reference total above pins which one the model uses.
+    # L_pd(masks) != L_pd(scores); the reference total above pins which one the model uses.
     model = _tiny()
     images, modality, labels = _batch()
     out = model(images, modality)
     _, logs = model.compute_loss(out, labels, modality)
     assert logs["cs"].item() == pytest.approx(center_separation_loss(out["feat"], labels).item(), rel=1e-6)
     assert logs["cs"].item() != pytest.approx(center_separation_loss(out["bn_feat"], labels).item(), rel=1e-2)
+    assert logs["pd"].item() == pytest.approx(part_diversity_loss(out["masks"]).item(), rel=1e-6)
+    assert logs["pd"].item() != pytest.approx(part_diversity_loss(out["scores"]).item(), rel=1e-2)
     assert logs["pd"].item() != pytest.approx(part_diversity_loss(out["masks"], rms=True).item(), rel=1e-2)
 
 
@@ -472,7 +475,7 @@ def test_bad_params_name_the_key():
     assert _message({"label_smoothing": 1.0}) == "model.params.label_smoothing must be in [0, 1), got 1.0"
     assert _message({"label_smoothing": -0.1}) == "model.params.label_smoothing must be in [0, 1), got -0.1"
     assert _message({"part_pooling": "horizontal"}) == (
-        "model.params.diversity_weight must be 0 with part_pooling=horizontal (L_pd, Eq. 4, compares prototype scores)")
+        "model.params.diversity_weight must be 0 with part_pooling=horizontal (L_pd, Eq. 4, compares prototype masks)")
     assert "separation_anchors" in _message({"separation_anchors": "every"})
     assert "diversity_input" in _message({"diversity_input": "probabilities"})
     # boundaries are accepted

@@ -9,10 +9,10 @@ from torch import Tensor
 def part_diversity_loss(scores: Tensor, *, rms: bool = False, eps: float = 1e-12) -> Tensor:
     """SAAI Eq. 4: L_pd = -(2 / (p(p-1))) sum_{i<j} ||s_i - s_j||_2, averaged over the batch.
 
-    ``scores``: (B, p, n), row i the scores of prototype i over the n feature-map positions.
-    The paper takes s_i = P_i T^T (the prototype scores before the sigmoid of Eq. 1).
-    ``rms=True`` divides each norm by sqrt(n) (root-mean-square difference), as the public
-    code does on the sigmoid masks (its ``/(18 * 9)`` inside the square root).
+    ``scores``: (B, p, n), row i what prototype i assigns to the n feature-map positions: its
+    mask S_i of Eq. 1 (SAAI's model; the public code) or its raw scores P_i T^T (Eq. 4 as
+    printed). ``rms=True`` divides each norm by sqrt(n) (root-mean-square difference), as the
+    public code does (its ``/(18 * 9)`` inside the square root).
     """
     if scores.ndim != 3 or scores.shape[1] < 2:
         raise ValueError(f"scores must be (B, p >= 2, n), got shape {tuple(scores.shape)}")

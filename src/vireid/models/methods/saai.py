@@ -7,13 +7,14 @@ Re-Identification via Semantic Alignment and Affinity Inference", ICCV 2023, Sec
   descriptor F^ = [p_1 ... p_p, avg(F)] (Eq. 3).
 * Dual-branch BNNeck: one BatchNorm per modality, chosen by each image's modality in
   training and at test time; one identity classifier on the BN features.
-* L = L_id + L_cs + lambda L_pd (Eq. 11): part diversity (Eq. 4) on the prototype scores
-  P (T + E)^T, center separation (Eq. 5) on the pre-BN descriptor F^.
+* L = L_id + L_cs + lambda L_pd (Eq. 11): part diversity (Eq. 4) on the prototypes' masks S
+  (Eq. 4 prints P_i T^T; taken literally, without the sigmoid, the loss has no minimum:
+  ``diversity_input="scores"``), center separation (Eq. 5) on the pre-BN descriptor F^.
 
 Options giving the public code's behaviour (xiaoye-hhh/SAAI) where it differs from the paper:
-``position_in_values=False`` (Eq. 2 aggregates T without E), ``diversity_input="masks"``
-(L_pd on the sigmoid masks S, root-mean-square over positions), ``diversity_weight_applied_twice``
-(effective weight lambda^2) and ``separation_anchors="batch_stride"``.
+``position_in_values=False`` (Eq. 2 aggregates T without E), ``diversity_rms=True`` (L_pd's
+norms divided by sqrt(n)), ``diversity_weight_applied_twice`` (effective weight lambda^2) and
+``separation_anchors="batch_stride"``.
 ``part_pooling="horizontal"`` replaces SAFL by p horizontal stripes: the "Base" of the paper's
 ablation (Table 3).
 """
@@ -38,7 +39,7 @@ from vireid.models.heads import l2_normalize
 from vireid.models.registry import ModelConfig, register_method
 
 PartPooling = Literal["prototypes", "horizontal"]
-DiversityInput = Literal["logits", "masks"]
+DiversityInput = Literal["masks", "scores"]
 
 
 @dataclass
@@ -50,7 +51,8 @@ class SAAIParams:
     part_pooling: PartPooling = "prototypes"        # "horizontal": the ablation's Base (Table 3), no SAFL
     position_in_values: bool = True                 # Eq. 2 aggregates T + E (paper); False: T (public code)
     diversity_weight: float = 0.5                   # lambda of L_pd (Eq. 11)
-    diversity_input: DiversityInput = "logits"      # Eq. 4 on P T^T (paper); "masks": on S, RMS (public code)
+    diversity_input: DiversityInput = "masks"       # Eq. 4 on S; "scores": on P (T + E)^T, unbounded below
+    diversity_rms: bool = False                     # public code: norms divided by sqrt(n)
     diversity_weight_applied_twice: bool = False    # public code: effective weight lambda^2
     separation_weight: float = 1.0                  # weight of L_cs (Eq. 11: 1)
     rho1: float = 0.01                              # Eq. 5: slack of samples around their centre
@@ -73,7 +75,7 @@ class SAAIParams:
             raise InputError(f"model.params.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.part_pooling == "horizontal" and self.diversity_weight > 0:
             raise InputError("model.params.diversity_weight must be 0 with part_pooling=horizontal "
-                             "(L_pd, Eq. 4, compares prototype scores)")
+                             "(L_pd, Eq. 4, compares prototype masks)")
 
     @property
     def effective_diversity_weight(self) -> float:
@@ -173,7 +175,7 @@ class SAAIModel(ReIDModel):
 
     def compute_loss(self, outputs: dict[str, Tensor], labels: Tensor, modality: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """SAAI Eq. 11: L = L_id + L_cs + lambda L_pd; L_cs (Eq. 5) on the pre-BN F^, L_pd (Eq. 4)
-        on the prototype scores (or masks), L_id on the classifier of the BN feature."""
+        on the masks S (or the scores), L_id on the classifier of the BN feature."""
         p = self.params
         identity = label_smoothed_cross_entropy(outputs["logits"], labels, p.label_smoothing)
         total = identity
@@ -184,8 +186,7 @@ class SAAIModel(ReIDModel):
             total = total + p.separation_weight * separation
             logs["cs"] = separation.detach()
         if p.diversity_weight > 0:
-            by_masks = p.diversity_input == "masks"
-            diversity = part_diversity_loss(outputs["masks" if by_masks else "scores"], rms=by_masks)
+            diversity = part_diversity_loss(outputs[p.diversity_input], rms=p.diversity_rms)
             total = total + p.effective_diversity_weight * diversity
             logs["pd"] = diversity.detach()
         return total, logs
