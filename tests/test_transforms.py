@@ -21,6 +21,7 @@ from vireid.data.transforms import (
     load_image,
     pad_random_crop,
     random_erasing,
+    replicate_channel,
 )
 from vireid.errors import InputError
 
@@ -75,6 +76,39 @@ def test_train_transform_deterministic_per_seed_and_gray_only_for_visible() -> N
     assert torch.equal(a[0], a[1])
     ir = transform(image, Modality.INFRARED, _gen(7))
     assert not torch.equal(ir[0], ir[1])
+
+
+def test_random_grayscale_modes() -> None:
+    cfg = dict(height=16, width=8, pad=0, flip_prob=0.0, channel_aug_prob=0.0, grayscale_prob=1.0, erasing_prob=0.0,
+               mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    image = _image()
+    luma = TrainTransform(TransformConfig(**cfg))(image, Modality.VISIBLE, _gen(3))
+    expected = 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]      # ITU-R BT.601, by hand
+    for c in range(3):
+        torch.testing.assert_close(luma[c], expected)
+    chosen = set()
+    channel = TrainTransform(TransformConfig(**cfg, grayscale_mode="channel"))
+    for seed in range(30):
+        out = channel(image, Modality.VISIBLE, _gen(seed))
+        source = [c for c in range(3) if torch.equal(out[0], image[c])]
+        assert len(source) == 1 and torch.equal(out[1], out[0]) and torch.equal(out[2], out[0])
+        chosen.add(source[0])
+    assert chosen == {0, 1, 2}
+    replicated = [replicate_channel(image, _gen(seed)) for seed in range(30)]
+    assert {next(c for c in range(3) if torch.equal(r[2], image[c])) for r in replicated} == {0, 1, 2}
+    # probability 0: untouched; infrared images are never converted
+    untouched = TrainTransform(TransformConfig(**{**cfg, "grayscale_prob": 0.0}))(image, Modality.VISIBLE, _gen(3))
+    assert torch.equal(untouched, image)
+    assert torch.equal(channel(image, Modality.INFRARED, _gen(3)), image)
+
+
+def test_random_grayscale_rate() -> None:
+    cfg = TransformConfig(height=16, width=8, pad=0, flip_prob=0.0, channel_aug_prob=0.0, grayscale_prob=0.25,
+                          erasing_prob=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    image = _image()
+    gray = sum(bool(torch.equal(out[0], out[1])) for out in
+               (TrainTransform(cfg)(image, Modality.VISIBLE, _gen(seed)) for seed in range(400)))
+    assert 70 <= gray <= 130                     # 100 expected (binomial sd 8.7)
 
 
 def test_config_validation() -> None:

@@ -2,7 +2,8 @@
 
 Training augmentation (AGW / CAJ recipe), applied to a (3, H, W) float image in [0, 1]:
 pad + random crop, horizontal flip, for visible images CAJ's channel augmentation (one
-random colour channel replicated, or the grayscale image) and/or random grayscale,
+random colour channel replicated, or the grayscale image) and/or random grayscale (the luma
+image, or with ``grayscale_mode: channel`` one random colour channel replicated),
 normalisation, random erasing. Every random draw comes from an explicit
 ``torch.Generator``, so a sample's augmentation is a pure function of its seed.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ class TransformConfig:
     flip_prob: float = 0.5
     channel_aug_prob: float = 0.5
     grayscale_prob: float = 0.0
+    grayscale_mode: Literal["luma", "channel"] = "luma"
     erasing_prob: float = 0.5
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -96,6 +99,11 @@ def grayscale(image: Tensor) -> Tensor:
     return luma.unsqueeze(0).expand(3, -1, -1).clone()
 
 
+def replicate_channel(image: Tensor, generator: torch.Generator) -> Tensor:
+    """One of R, G, B, chosen uniformly, replicated to three channels."""
+    return image[_randint(0, 2, generator)].unsqueeze(0).expand(3, -1, -1).clone()
+
+
 def channel_augmentation(image: Tensor, generator: torch.Generator) -> Tensor:
     """CAJ channel-adaptive gray (Ye et al., ICCV 2021): one of R, G, B replicated to three
     channels, or the grayscale image, chosen uniformly."""
@@ -139,7 +147,7 @@ class TrainTransform:
             if _uniform(generator) < cfg.channel_aug_prob:
                 image = channel_augmentation(image, generator)
             if _uniform(generator) < cfg.grayscale_prob:
-                image = grayscale(image)
+                image = grayscale(image) if cfg.grayscale_mode == "luma" else replicate_channel(image, generator)
         image = normalize(image, cfg.mean, cfg.std)
         if _uniform(generator) < cfg.erasing_prob:
             image = random_erasing(image, generator)
