@@ -200,3 +200,20 @@ def test_directed_batch_hard_hand_worked_and_without_valid_anchor() -> None:
     assert anchors.grad.flatten().tolist() == pytest.approx([0.0, -1.0], abs=1e-5)   # d(6 - 3)/da at a = 4, / 2
     none = directed_batch_hard_triplet_loss(anchors, torch.tensor([0, 1]), candidates, torch.tensor([0, 0, 0]))
     assert none.item() == 0.0 and none.requires_grad
+
+
+def test_weighted_triplet_skips_anchors_without_a_positive_or_a_negative() -> None:
+    g = torch.Generator().manual_seed(9)
+    feats = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    # identity 2 has a single image: no positive for it ("all")
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    modality = torch.tensor([0, 0, 1, 0, 1, 1, 1])
+    got = weighted_regularized_triplet_loss(feats, labels, modality, pairs="all")
+    assert got.item() == pytest.approx(_loop_wrt(feats, labels, modality, "all"), rel=1e-6)
+    # "intra": modality 0 holds identities 0 and 1, modality 1 holds 0, 1, 2; make modality 0 one identity
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    modality = torch.tensor([0, 0, 1, 1, 1, 1, 1])      # modality 0: images 0, 1 (both identity 0): no negative
+    got = weighted_regularized_triplet_loss(feats, labels, modality, pairs="intra")
+    assert got.item() == pytest.approx(_loop_wrt(feats, labels, modality, "intra"), rel=1e-6)
+    got = batch_hard_triplet_loss(feats, labels, modality, pairs="intra", margin=0.3)
+    assert got.item() == pytest.approx(_loop_batch_hard(feats, labels, modality, "intra", 0.3), rel=1e-6)

@@ -148,6 +148,14 @@ def test_affinity_gradient_pulls_positives_and_pushes_close_negatives():
     assert after[0, 2] > before[0, 2]      # negative pair inside the margin pushed apart
 
 
+def test_affinity_defaults_are_eq12_with_unit_margin_averaged():
+    feats, labels = _feats_labels()
+    assert affinity_loss(feats, labels).item() == pytest.approx(_affinity_loop(feats, labels, 1.0), rel=1e-5)
+    dist, gt = affinity_matrix(feats), identity_affinity(labels)
+    assert affinity_l1_loss(dist, gt, 0.7).item() == pytest.approx(_affinity_loop(feats, labels, 0.7, "l1"), rel=1e-5)
+    assert affinity_margin_loss(dist, gt, 0.7).item() == pytest.approx(_affinity_loop(feats, labels, 0.7), rel=1e-5)
+
+
 def test_affinity_loss_rejects_unknown_kind():
     feats, labels = _feats_labels()
     with pytest.raises(ValueError, match="affinity loss kind"):
@@ -189,6 +197,17 @@ def test_per_modality_identity_loss_sums_modality_means():
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_per_modality_losses_with_three_groups():
+    feats = torch.randn(12, 3, generator=seeded(11))
+    logits = torch.randn(12, 3, generator=seeded(12))
+    labels = torch.tensor([0, 0, 1, 1] * 3)
+    groups = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
+    expected_ce = sum(_mean_ce(logits, labels, _rows(groups, g)) for g in range(3))
+    expected_tri = sum(_bh_loop(feats, labels, _rows(groups, g), 0.3) for g in range(3))
+    assert per_modality_identity_loss(logits, labels, groups, 0.0).item() == pytest.approx(expected_ce, rel=1e-6)
+    assert per_modality_triplet_loss(feats, labels, groups, 0.3).item() == pytest.approx(expected_tri, rel=1e-5)
+
+
 def test_per_modality_triplet_is_within_each_modality():
     feats = torch.randn(10, 3, generator=seeded(6))
     labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 0, 1])
@@ -225,12 +244,13 @@ def test_training_outputs_are_gap_and_bnneck():
 
 
 def _expected_total(out, labels, modality, *, baseline=1.0, fusion=1.1, affinity=1.5, margin=1.0,
-                    triplet_margin=0.3) -> float:
+                    triplet_margin=0.3, pairs_summed=False) -> float:
     vis, ir = _rows(modality, 0), _rows(modality, 1)
     feat = out["feat"].detach()
     l_b = (_mean_ce(out["logits"], labels, vis) + _bh_loop(feat, labels, vis, triplet_margin)
            + _mean_ce(out["logits"], labels, ir) + _bh_loop(feat, labels, ir, triplet_margin))
-    total = baseline * l_b + affinity * _affinity_loop(feat, labels, margin)
+    l_a = _affinity_loop(feat, labels, margin) * (len(labels) ** 2 if pairs_summed else 1)
+    total = baseline * l_b + affinity * l_a
     if "fused_logits" in out:
         total += fusion * (_mean_ce(out["fused_logits"], labels, vis) + _mean_ce(out["fused_logits"], labels, ir))
     return total
@@ -250,6 +270,7 @@ def test_total_loss_is_eq4_with_per_modality_baseline():
     ({"baseline_weight": 0.0}, {"baseline": 0.0}),                      # Table 3: DF2 + AM
     ({"fusion_weight": 0.5, "affinity_weight": 2.0, "affinity_margin": 0.6, "triplet_margin": 0.2},
      {"fusion": 0.5, "affinity": 2.0, "margin": 0.6, "triplet_margin": 0.2}),
+    ({"affinity_weight": 0.5, "affinity_reduction": "sum"}, {"affinity": 0.5, "pairs_summed": True}),
 ])
 def test_total_loss_weights_and_margins(params, weights):
     images, modality, labels = _batch()
@@ -307,6 +328,8 @@ def test_per_modality_weighted_option():
     feats = torch.randn(12, 6, generator=seeded(10))
     _, modality, labels = _batch()
     got = per_modality_triplet_loss(feats, labels, modality, 0.3, "weighted")
+    via_baseline = baseline_loss(torch.zeros(12, 3), feats, labels, modality, DF2AMParams(baseline_triplet="weighted"))
+    assert via_baseline[1].item() == pytest.approx(got.item(), rel=1e-6)
     expected = 0.0
     for m in (0, 1):
         rows, terms = _rows(modality, m), []
@@ -364,12 +387,27 @@ def test_gradients_reach_both_stems_the_attention_and_are_finite():
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_pretrained_weights_reach_both_stems(tmp_path):
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    from vireid.models.registry import create_model
+
+    torch.manual_seed(3)
+    reference = ResNet(BasicBlock, [1, 1, 1, 1])
+    torch.save(reference.state_dict(), tmp_path / "resnet10.pth")
+    cfg = ModelConfig(method="df2am", backbone="resnet10", pretrained=str(tmp_path / "resnet10.pth"))
+    model = create_model(cfg, num_classes=4)
+    for stream in model.backbone.streams:
+        torch.testing.assert_close(stream[0][0].weight, reference.conv1.weight)
+    torch.testing.assert_close(model.backbone.shared[-1][0].conv1.weight, reference.layer4[0].conv1.weight)
+
+
 @pytest.mark.parametrize("key, value", [("num_parts", 0), ("attention_reduction", 0), ("fusion_weight", -1.0),
                                         ("affinity_weight", -0.1), ("baseline_weight", -1.0),
                                         ("affinity_margin", -0.5), ("triplet_margin", -0.3),
                                         ("label_smoothing", 1.0), ("label_smoothing", -0.1)])
 def test_bad_params_name_the_key(key, value):
-    with pytest.raises(InputError, match=key):
+    with pytest.raises(InputError, match=rf"(: |')model\.params\.{key}\b"):
         method_params(ModelConfig(method="df2am", params={key: value}))
 
 

@@ -103,15 +103,18 @@ def test_learned_generator_matches_per_pixel_formula():
     ("ycbcr_y", lambda r, g, b: (16 + 65.481 * r + 128.553 * g + 24.966 * b) / 255),
 ])
 def test_fixed_x_transforms(kind, single):
-    rgb = torch.rand(1, 3, 2, 2, generator=seeded(3))
+    rgb = torch.rand(2, 3, 2, 2, generator=seeded(3))
     normalised = (rgb - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    out = FixedXTransform(kind, MEAN, STD)(normalised)
+    transform = FixedXTransform(kind, MEAN, STD)
+    assert transform.state_dict() == {}          # fixed: nothing to store in a checkpoint
+    out = transform(normalised)
     restored = out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
-    for i in range(2):
-        for j in range(2):
-            expected = single(*(rgb[0, c, i, j].item() for c in range(3)))
-            for c in range(3):
-                assert restored[0, c, i, j].item() == pytest.approx(expected, abs=1e-5)
+    for n in range(2):
+        for i in range(2):
+            for j in range(2):
+                expected = single(*(rgb[n, c, i, j].item() for c in range(3)))
+                for c in range(3):
+                    assert restored[n, c, i, j].item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_unknown_fixed_transform_is_an_error():
@@ -259,6 +262,33 @@ def test_total_loss_weights_and_margins(params, weights):
     assert total.item() == pytest.approx(_expected_total(out, labels, **weights), rel=1e-5)
 
 
+def test_label_smoothing_reaches_the_identity_losses():
+    model = _tiny(label_smoothing=0.2)
+    images, modality, labels = _batch()
+    out = model(images, modality)
+    total, logs = model.compute_loss(out, labels, modality)
+    all_labels = labels[out["source_index"]]
+    lp = F.log_softmax(out["logits"].detach(), 1)
+    smoothed = -0.8 * lp[range(len(all_labels)), all_labels] - 0.2 * lp.mean(1)
+    shift = sum(smoothed[out["group"] == g].mean().item() - _mean_ce(out["logits"], all_labels, _rows(out["group"], g))
+                for g in (IR, X_GROUP, VIS))
+    assert total.item() == pytest.approx(_expected_total(out, labels) + shift, rel=1e-5)
+
+
+def test_pretrained_weights_reach_the_shared_learner(tmp_path):
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    from vireid.models.registry import create_model
+
+    torch.manual_seed(3)
+    reference = ResNet(BasicBlock, [1, 1, 1, 1])
+    torch.save(reference.state_dict(), tmp_path / "resnet10.pth")
+    cfg = ModelConfig(method="xiv", backbone="resnet10", pretrained=str(tmp_path / "resnet10.pth"))
+    model = create_model(cfg, num_classes=4)
+    torch.testing.assert_close(model.backbone.streams[0][0][0].weight, reference.conv1.weight)
+    torch.testing.assert_close(model.backbone.shared[-1][0].conv1.weight, reference.layer4[0].conv1.weight)
+
+
 def test_without_x_modality_the_batch_is_2m():
     model = _tiny(x_modality=False)             # Table 4: Baseline (with cross_weight 0)
     assert not hasattr(model, "x_generator")
@@ -322,7 +352,7 @@ def test_xiv_distance_is_eq2_euclidean_and_an_evaluator_distance():
     result = evaluate_features(fs, "sysu", distance_fn=xiv_distance, distance_info={"method": "xiv"})
     assert result.distance == {"method": "xiv"} and result.mean.num_queries == 3
     del fs.extras["gallery_feat_x"]
-    with pytest.raises(InputError, match="gallery_feat_x"):
+    with pytest.raises(InputError, match="^XIV distance: the feature file has no gallery_feat_x"):
         xiv_distance(fs)
 
 
@@ -349,7 +379,7 @@ def test_eq2_ranks_by_the_sum_of_euclidean_not_cosine_distances():
     ({"pixel_std": [0.2, 0.0, 0.2]}, "pixel_std"), ({"x_stream": "own"}, "x_stream"),
 ])
 def test_bad_params_name_the_key(params, key):
-    with pytest.raises(InputError, match=key):
+    with pytest.raises(InputError, match=rf"(: |')model\.params\.{key}\b"):
         method_params(ModelConfig(method="xiv", params=params))
 
 

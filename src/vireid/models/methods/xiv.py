@@ -69,10 +69,9 @@ class XIVParams:
     pixel_std: tuple[float, float, float] = IMAGENET_STD
 
     def validate(self) -> None:
-        if self.cross_weight < 0:
-            raise InputError(f"model.params.cross_weight must be >= 0, got {self.cross_weight}")
-        if self.cross_margin < 0 or self.triplet_margin < 0:
-            raise InputError("model.params.cross_margin and triplet_margin must be >= 0")
+        for key in ("cross_weight", "cross_margin", "triplet_margin"):
+            if getattr(self, key) < 0:
+                raise InputError(f"model.params.{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise InputError(f"model.params.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if any(s <= 0 for s in self.pixel_std):
@@ -168,9 +167,7 @@ class XIVModel(ReIDModel):
         else:
             self.num_modalities = 3 if params.x_stream == "own" else 2
         self.backbone = TwoStreamBackbone(cfg.backbone, cfg.split, cfg.last_stride, cfg.pretrained,
-                                          num_modalities=self.num_modalities)
-        if self.num_modalities == 3:
-            self.backbone.streams[X_GROUP].load_state_dict(self.backbone.streams[int(Modality.VISIBLE)].state_dict())
+                                          num_modalities=self.num_modalities)   # streams start as copies
         if params.x_modality:
             self.x_generator = make_x_generator(params)
         self.pool = make_pool(cfg.pooling)
@@ -199,8 +196,8 @@ class XIVModel(ReIDModel):
             images = torch.cat([images, self.x_generator(images.index_select(0, visible))])
             group = torch.cat([modality, torch.full_like(visible, X_GROUP)])
             source = torch.cat([source, visible])
-        feat, bn_feat, logits = self._embed(images, group)
-        return {"feat": feat, "bn_feat": bn_feat, "logits": logits, "group": group, "source_index": source}
+        feat, _, logits = self._embed(images, group)
+        return {"feat": feat, "logits": logits, "group": group, "source_index": source}
 
     def compute_loss(self, outputs: dict[str, Tensor], labels: Tensor, modality: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """XIV Eq. 11: L = L_M + lambda L_C, labels of X images copied from their visible sources;
