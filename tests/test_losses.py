@@ -217,3 +217,21 @@ def test_weighted_triplet_skips_anchors_without_a_positive_or_a_negative() -> No
     assert got.item() == pytest.approx(_loop_wrt(feats, labels, modality, "intra"), rel=1e-6)
     got = batch_hard_triplet_loss(feats, labels, modality, pairs="intra", margin=0.3)
     assert got.item() == pytest.approx(_loop_batch_hard(feats, labels, modality, "intra", 0.3), rel=1e-6)
+
+
+def test_defaults_are_all_pairs_and_margin_0_3() -> None:
+    feats, labels, modality = _batch(seed=4)
+    pos, neg = pair_masks(labels, modality)
+    pos_all, neg_all = pair_masks(labels, modality, "all")
+    assert torch.equal(pos, pos_all) and torch.equal(neg, neg_all)
+    assert batch_hard_triplet_loss(feats, labels).item() == pytest.approx(
+        _loop_batch_hard(feats, labels, modality, "all", 0.3), rel=1e-6)
+
+
+def test_masks_and_losses_stay_on_the_features_device() -> None:
+    # "meta" tensors stand in for a GPU: a mask built on the CPU next to them is an error.
+    labels = torch.tensor([0, 0, 1, 1]).to("meta")
+    modality = torch.tensor([0, 1, 0, 1]).to("meta")
+    for pairs in ("all", "cross"):
+        pos, neg = pair_masks(labels, modality, pairs)
+        assert pos.device.type == "meta" and neg.device.type == "meta"

@@ -156,6 +156,11 @@ def test_affinity_defaults_are_eq12_with_unit_margin_averaged():
     assert affinity_margin_loss(dist, gt, 0.7).item() == pytest.approx(_affinity_loop(feats, labels, 0.7), rel=1e-5)
 
 
+def test_affinity_matrix_stays_on_the_features_device():
+    # "meta" tensors stand in for a GPU: a diagonal mask built on the CPU next to them is an error.
+    assert affinity_matrix(torch.randn(3, 4).to("meta")).device.type == "meta"
+
+
 def test_affinity_loss_rejects_unknown_kind():
     feats, labels = _feats_labels()
     with pytest.raises(ValueError, match="affinity loss kind"):
