@@ -9,7 +9,9 @@ import torch
 
 from vireid.losses import (
     batch_hard_triplet_loss,
+    directed_batch_hard_triplet_loss,
     label_smoothed_cross_entropy,
+    pairwise_euclidean,
     pair_masks,
     weighted_regularized_triplet_loss,
 )
@@ -120,3 +122,116 @@ def test_gradients_are_finite_for_duplicate_features() -> None:
 def test_cross_and_intra_need_modality() -> None:
     with pytest.raises(ValueError, match="modality"):
         batch_hard_triplet_loss(torch.zeros(2, 2), torch.tensor([0, 0]), None, pairs="cross")
+
+
+def test_batch_hard_triplet_hand_worked_case() -> None:
+    # 1-D: ids 0 at {0, 1}, id 1 at {3, 7}. margin 1.
+    # anchor 0: hardest pos 1, hardest neg 3 -> [1 + 1 - 3]_+ = 0; anchor 1: [1 + 1 - 2]_+ = 0;
+    # anchor 3: pos 4, neg 2 -> 3; anchor 7: pos 4, neg 6 -> 0.  Mean 0.75.
+    feats = torch.tensor([[0.0], [1.0], [3.0], [7.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    assert batch_hard_triplet_loss(feats, labels, margin=1.0).item() == pytest.approx(0.75, abs=1e-6)
+    # soft margin: mean of log(1 + exp(d_ap - d_an))
+    soft = [math.log1p(math.exp(x)) for x in (1 - 3, 1 - 2, 4 - 2, 4 - 6)]
+    assert batch_hard_triplet_loss(feats, labels, margin=None).item() == pytest.approx(sum(soft) / 4, rel=1e-6)
+
+
+def test_pairwise_euclidean_matches_loop_and_clamps_at_sqrt_eps() -> None:
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = torch.randn(2, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    got = pairwise_euclidean(x, y)
+    assert got.shape == (4, 2)
+    for i in range(4):
+        for j in range(2):
+            assert got[i, j].item() == pytest.approx(math.dist(x[i].tolist(), y[j].tolist()), rel=1e-6)
+    exact = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0]])     # self-distances cancel exactly to 0
+    assert pairwise_euclidean(exact)[1, 1].item() == pytest.approx(1e-6, rel=1e-3)
+    assert pairwise_euclidean(exact, eps=1e-4)[0, 0].item() == pytest.approx(1e-2, rel=1e-3)
+    assert pairwise_euclidean(exact)[0, 1].item() == pytest.approx(math.sqrt(6), rel=1e-6)
+
+
+def test_pair_masks_hand_worked() -> None:
+    labels = torch.tensor([0, 0, 1, 0])
+    modality = torch.tensor([0, 1, 0, 0])
+    pos, neg = pair_masks(labels, modality, "all")
+    assert pos.tolist()[0] == [False, True, False, True] and neg.tolist()[0] == [False, False, True, False]
+    pos, neg = pair_masks(labels, modality, "cross")
+    assert pos.tolist()[0] == [False, True, False, False] and neg.tolist()[1] == [False, False, True, False]
+    pos, neg = pair_masks(labels, modality, "intra")
+    assert pos.tolist()[0] == [False, False, False, True] and neg.tolist()[0] == [False, False, True, False]
+    with pytest.raises(ValueError, match="pairs"):
+        pair_masks(labels, modality, "both")  # type: ignore[arg-type]
+
+
+def _loop_directed(anchors, anchor_labels, candidates, candidate_labels, margin):
+    terms = []
+    for a, la in zip(anchors.tolist(), anchor_labels.tolist()):
+        pos = [math.dist(a, c) for c, lc in zip(candidates.tolist(), candidate_labels.tolist()) if lc == la]
+        neg = [math.dist(a, c) for c, lc in zip(candidates.tolist(), candidate_labels.tolist()) if lc != la]
+        if pos and neg:
+            terms.append(max(0.0, margin + max(pos) - min(neg)))
+    return sum(terms) / len(terms)
+
+
+def test_directed_batch_hard_matches_loop() -> None:
+    g = torch.Generator().manual_seed(7)
+    anchors = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    candidates = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    anchor_labels = torch.tensor([0, 1, 2, 0, 1, 3])       # id 3: no positive among the candidates
+    candidate_labels = torch.tensor([0, 0, 1, 2, 2])
+    got = directed_batch_hard_triplet_loss(anchors, anchor_labels, candidates, candidate_labels, margin=0.4)
+    expected = _loop_directed(anchors, anchor_labels, candidates, candidate_labels, 0.4)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    reverse = directed_batch_hard_triplet_loss(candidates, candidate_labels, anchors, anchor_labels, margin=0.4)
+    assert reverse.item() == pytest.approx(_loop_directed(candidates, candidate_labels, anchors, anchor_labels, 0.4),
+                                           rel=1e-6)
+    assert directed_batch_hard_triplet_loss(anchors, anchor_labels, candidates, candidate_labels).item() == \
+        pytest.approx(_loop_directed(anchors, anchor_labels, candidates, candidate_labels, 0.3), rel=1e-6)
+
+
+def test_directed_batch_hard_hand_worked_and_without_valid_anchor() -> None:
+    # anchors 0 (id 0), 4 (id 1); candidates 1 (id 0), 2 (id 1), 10 (id 1). margin 0.5.
+    # anchor 0: pos 1, neg min 2 -> [0.5 + 1 - 2]_+ = 0; anchor 4: pos max 6, neg 3 -> 3.5.  Mean 1.75.
+    anchors = torch.tensor([[0.0], [4.0]], requires_grad=True)
+    candidates = torch.tensor([[1.0], [2.0], [10.0]])
+    loss = directed_batch_hard_triplet_loss(anchors, torch.tensor([0, 1]), candidates, torch.tensor([0, 1, 1]), 0.5)
+    assert loss.item() == pytest.approx(1.75, abs=1e-5)
+    loss.backward()
+    assert anchors.grad.flatten().tolist() == pytest.approx([0.0, -1.0], abs=1e-5)   # d(6 - 3)/da at a = 4, / 2
+    none = directed_batch_hard_triplet_loss(anchors, torch.tensor([0, 1]), candidates, torch.tensor([0, 0, 0]))
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_weighted_triplet_skips_anchors_without_a_positive_or_a_negative() -> None:
+    g = torch.Generator().manual_seed(9)
+    feats = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    # identity 2 has a single image: no positive for it ("all")
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    modality = torch.tensor([0, 0, 1, 0, 1, 1, 1])
+    got = weighted_regularized_triplet_loss(feats, labels, modality, pairs="all")
+    assert got.item() == pytest.approx(_loop_wrt(feats, labels, modality, "all"), rel=1e-6)
+    # "intra": modality 0 holds identities 0 and 1, modality 1 holds 0, 1, 2; make modality 0 one identity
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    modality = torch.tensor([0, 0, 1, 1, 1, 1, 1])      # modality 0: images 0, 1 (both identity 0): no negative
+    got = weighted_regularized_triplet_loss(feats, labels, modality, pairs="intra")
+    assert got.item() == pytest.approx(_loop_wrt(feats, labels, modality, "intra"), rel=1e-6)
+    got = batch_hard_triplet_loss(feats, labels, modality, pairs="intra", margin=0.3)
+    assert got.item() == pytest.approx(_loop_batch_hard(feats, labels, modality, "intra", 0.3), rel=1e-6)
+
+
+def test_defaults_are_all_pairs_and_margin_0_3() -> None:
+    feats, labels, modality = _batch(seed=4)
+    pos, neg = pair_masks(labels, modality)
+    pos_all, neg_all = pair_masks(labels, modality, "all")
+    assert torch.equal(pos, pos_all) and torch.equal(neg, neg_all)
+    assert batch_hard_triplet_loss(feats, labels).item() == pytest.approx(
+        _loop_batch_hard(feats, labels, modality, "all", 0.3), rel=1e-6)
+
+
+def test_masks_and_losses_stay_on_the_features_device() -> None:
+    # "meta" tensors stand in for a GPU: a mask built on the CPU next to them is an error.
+    labels = torch.tensor([0, 0, 1, 1]).to("meta")
+    modality = torch.tensor([0, 1, 0, 1]).to("meta")
+    for pairs in ("all", "cross"):
+        pos, neg = pair_masks(labels, modality, pairs)
+        assert pos.device.type == "meta" and neg.device.type == "meta"

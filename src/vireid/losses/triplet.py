@@ -4,12 +4,15 @@ Every function is a pure function of (features, labels, modality). ``pairs`` sel
 positives and negatives an anchor may use:
 
 * ``"all"``   — any other image of the batch (the usual batch-hard triplet);
-* ``"cross"`` — only images of the *other* modality (cross-modality triplet, e.g. XIV Eq. 4–6);
+* ``"cross"`` — only images of the *other* modality (cross-modality triplet);
 * ``"intra"`` — only images of the *same* modality.
 
 The anchor itself is never its own positive. Anchors without a positive or without a
 negative in the allowed set are left out of the mean; a batch with no valid anchor gives a
 zero loss that still carries a graph (so ``backward`` works).
+
+:func:`directed_batch_hard_triplet_loss` takes anchors from one set and positives/negatives from
+another (XIV's directional cross-modality terms, Eq. 5-6).
 """
 
 from __future__ import annotations
@@ -103,3 +106,19 @@ def weighted_regularized_triplet_loss(features: Tensor, labels: Tensor, modality
     dist_an = (_masked_softmax(-dist, neg) * dist).sum(dim=1)
     valid = pos.any(dim=1) & neg.any(dim=1)
     return _mean_over_valid(F.softplus(dist_ap - dist_an), valid)
+
+
+def directed_batch_hard_triplet_loss(anchors: Tensor, anchor_labels: Tensor, candidates: Tensor,
+                                     candidate_labels: Tensor, margin: float = 0.3) -> Tensor:
+    """Batch-hard triplet with anchors from one set and positives/negatives from another:
+    mean over anchors a of ``max(0, margin + max_{y_p = y_a} d(a, p) - min_{y_n != y_a} d(a, n))``,
+    p and n ranging over ``candidates`` (XIV Eq. 5 / Eq. 6 divided by M). Anchors without a
+    positive or a negative among the candidates are left out of the mean.
+    """
+    dist = pairwise_euclidean(anchors, candidates)
+    same_id = anchor_labels.unsqueeze(1) == candidate_labels.unsqueeze(0)
+    hardest_pos = dist.masked_fill(~same_id, float("-inf")).amax(dim=1)
+    hardest_neg = dist.masked_fill(same_id, float("inf")).amin(dim=1)
+    valid = same_id.any(dim=1) & (~same_id).any(dim=1)
+    per_anchor = F.relu(hardest_pos.where(valid, 0.0) - hardest_neg.where(valid, 0.0) + margin)
+    return _mean_over_valid(per_anchor, valid)
