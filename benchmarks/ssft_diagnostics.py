@@ -78,22 +78,19 @@ def recipe(data_root: Path, out: Path, seed: int, args: argparse.Namespace) -> d
 
 def train_run(cfg: TrainConfig) -> dict[str, Any]:
     """Train on the CPU as ``vireid.engine.trainer.train`` does, with the adversary's learning rate
-    following the run's schedule (the paper decays the whole algorithm): where the engine steps
-    only the main optimiser's scheduler, a second scheduler on the adversary optimiser is stepped
-    with it."""
+    following the run's schedule (the paper decays the whole algorithm): where the engine's
+    scheduler drives only the main optimiser, a second one, stepped after each adversary step,
+    drives the adversary optimiser."""
     torch.set_num_threads(cfg.threads or 2)
     trainer = Trainer(cfg, distributed.DistInfo(), torch.device("cpu"))
-    main_scheduler = getattr(trainer, "scheduler", None)
-    if trainer.adversary_optimizer is not None and main_scheduler is not None:
+    if trainer.adversary_optimizer is not None and hasattr(trainer, "scheduler"):
         adversary_scheduler = build_scheduler(trainer.adversary_optimizer, cfg.schedule, len(trainer.sampler))
-        main_step = main_scheduler.step
-
-        def step_both() -> None:
-            main_step()
-            adversary_scheduler.step()
-
-        main_scheduler.step = step_both
-    return trainer.run()
+        trainer.adversary_optimizer.register_step_post_hook(lambda *_: adversary_scheduler.step())
+    summary = trainer.run()
+    summary["final_lr"] = {"network": trainer.optimizer.param_groups[0]["lr"],
+                           "adversary": trainer.adversary_optimizer.param_groups[0]["lr"]
+                           if trainer.adversary_optimizer is not None else None}
+    return summary
 
 
 def training_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -239,6 +236,7 @@ def main() -> None:
             assert isinstance(model, SSFTModel)
             curves = training_curves(run_dir)
             row = {"variant": name, "overrides": overrides, "seed": seed, "steps": summary["global_step"],
+                   "final_lr": summary["final_lr"],
                    "train_s": round(train_s, 1), "first_logged": {n: c[0][1] for n, c in curves.items() if c},
                    "quarters": {n: quarters(c) for n, c in curves.items()}, **diagnose(model, data_root, cfg, seed)}
             results.append(row)
