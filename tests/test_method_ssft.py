@@ -171,6 +171,16 @@ def test_searched_neighbours_pad_small_blocks():
     shared, specific = np.random.default_rng(0).normal(size=(2, 2, 4)).astype(np.float32)
     index, weight = searched_neighbours(shared, specific, np.array([0, 1]), k=3, knn_method="exact")
     assert (index >= 0).sum(1).tolist() == [2, 2] and (weight[index < 0] == 0).all()
+    assert index.dtype == np.int64 and set(index[index < 0].tolist()) == {-1}
+
+
+def test_searched_neighbours_default_search_is_exact_at_small_sizes():
+    shared, specific = np.random.default_rng(1).normal(size=(2, 9, 4)).astype(np.float32)
+    modality = np.array([0, 1, 0, 0, 1, 1, 0, 1, 0])
+    exact = searched_neighbours(shared, specific, modality, k=2, knn_method="exact")
+    default = searched_neighbours(shared, specific, modality, k=2)
+    np.testing.assert_array_equal(default[0], exact[0])
+    np.testing.assert_allclose(default[1], exact[1], atol=1e-6)
 
 
 def _transfer_module(dim=4, out=5, seed=14) -> SharedSpecificTransfer:
@@ -178,6 +188,8 @@ def _transfer_module(dim=4, out=5, seed=14) -> SharedSpecificTransfer:
     module = SharedSpecificTransfer(dim, out, num_classes=3).eval()
     module.neck.bn.running_mean.copy_(torch.randn(out, generator=seeded(seed)) * 0.1)
     module.neck.bn.running_var.copy_(torch.rand(out, generator=seeded(seed + 1)) + 0.5)
+    module.neck.bn.weight.data.copy_(torch.rand(out, generator=seeded(seed + 2)) + 0.5)
+    module.neck.bn.bias.data.copy_(torch.randn(out, generator=seeded(seed + 3)) * 0.1)
     return module
 
 
@@ -294,7 +306,7 @@ def _reference_loss(model, out, images, labels, modality):
         l_t = _loop_ce(out["transfer_logits"], labels, smoothing=eps) + p.transfer_triplet_weight * (
             _loop_triplet_sum(t, labels, modality, "cross", p.shared_margin)
             + _loop_triplet_sum(t, labels, modality, "intra", p.specific_margin))
-    l_re = float(((out["reconstruction"] - images) ** 2).mean())
+    l_re = float(((out["reconstruction"].detach() - images) ** 2).mean())
     disc = model.discriminator(h)
     l_ma = _loop_ce(disc, modality)
     l_conf = sum(-float(torch.log_softmax(disc[i].double(), 0).mean()) for i in range(len(labels))) / len(labels)
@@ -318,6 +330,12 @@ def test_total_loss_is_eq20_with_eq18_19_and_13(params):
     out = model(images, modality)
     total, logs = model.compute_loss(out, labels, modality)
     assert total.item() == pytest.approx(_reference_loss(model, out, images, labels, modality), rel=1e-5, abs=1e-5)
+    names = {"shared", "specific", "re", "ma", "pa", "disc_acc", "adv_grad_h", "id_grad_h"}
+    if model.transfer is not None:
+        names |= {"transfer", "neighbour_precision"}
+    if model.params.modality_adversary == "confusion":
+        names.add("conf")
+    assert set(logs) == names
     assert out["reconstruction"].shape == images.shape
     assert ("transfer" in logs) == (model.transfer is not None) and ("conf" in logs) == (
         model.params.modality_adversary == "confusion")
@@ -358,7 +376,10 @@ def test_logged_gradients_reaching_h_and_discriminator_accuracy(adversary):
     assert logs["disc_acc"].item() == pytest.approx(correct / 8)
     with torch.no_grad():                                    # no gradient logs without autograd
         _, quiet = model.compute_loss(model(images, modality), labels, modality)
+        detached = model(images, modality)
     assert "adv_grad_h" not in quiet and "disc_acc" in quiet
+    _, quiet = model.compute_loss(detached, labels, modality)  # nor on outputs computed without it
+    assert "adv_grad_h" not in quiet and "id_grad_h" not in quiet
 
 
 def test_logged_neighbour_precision_is_the_same_identity_share_of_cross_modality_neighbours():
@@ -383,6 +404,8 @@ def test_cross_modality_precision_hand_worked():
     # cross pairs: (0,2) same, (0,3) same, (1,3) diff, (2,0) same, (2,1) diff, (3,1) diff, (3,0) same
     assert cross_modality_precision(index, labels, modality).item() == pytest.approx(4 / 7)
     assert cross_modality_precision(torch.tensor([[0], [1]]), labels[:2], modality[:2]).item() == 0.0
+    one = torch.tensor([[0, 2], [1, -1], [2, -1]])             # a single cross-modality pair, same identity
+    assert cross_modality_precision(one, labels[:3], modality[:3]).item() == 1.0
 
 
 def test_no_transfer_model_has_no_sstn():
@@ -567,7 +590,9 @@ def _feature_set(model: SSFTModel, trials: bool) -> FeatureSet:
 def test_finalize_all_mode_replaces_features_by_the_transfer():
     model = _tiny()
     fs = _feature_set(model, trials=False)
+    fs.meta = {"protocol": {"name": "regdb"}}
     out = model.finalize_features(fs, mode="all", knn="exact")
+    assert out.meta["protocol"] == {"name": "regdb"} and out.query_feat.dtype == np.float32
     shared = torch.from_numpy(np.concatenate([fs.extras["query_shared"], fs.extras["gallery_shared"]]))
     specific = torch.from_numpy(np.concatenate([fs.extras["query_specific"], fs.extras["gallery_specific"]]))
     modality = torch.tensor([1] * 4 + [0] * 6)
@@ -583,6 +608,8 @@ def test_finalize_all_mode_gives_each_trial_its_own_graph():
     fs = _feature_set(model, trials=True)
     out = model.finalize_features(fs, k=2)
     assert out.query_feat.shape[0] == 8 and out.gallery_feat.shape[0] == 9 and out.num_trials == 2
+    assert out.trial_gallery_index.tolist() == [[0, 1, 2, 3, -1], [4, 5, 6, 7, 8]]
+    assert out.gallery_feat.dtype == np.float32 and out.query_feat.dtype == np.float32
     assert out.extras["query_path"].tolist() == [f"q{i}.png" for i in range(4)] * 2
     for t in range(2):
         trial = fs.trial(t)
@@ -681,3 +708,57 @@ def test_batch_neighbours_keep_a_whole_block_smaller_than_k():
     assert index.shape == (5, 4)                     # 3 visible + the only infrared image
     rebuilt = torch.zeros(5, 5, dtype=torch.float64).scatter_(1, index, weight.double())
     torch.testing.assert_close(rebuilt, _dense_topk_graph(shared, specific, modality, k=3), atol=1e-5, rtol=1e-5)
+
+
+def test_three_trials_get_disjoint_row_blocks():
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    fs.trial_query_index = np.array([[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]])
+    fs.trial_gallery_index = np.array([[0, 1, 2, -1], [3, 4, 5, -1], [0, 2, 4, 5]])
+    out = model.finalize_features(fs, knn="exact")
+    assert out.trial_query_index.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert out.trial_gallery_index.tolist() == [[0, 1, 2, -1], [3, 4, 5, -1], [6, 7, 8, 9]]
+    for t in range(3):
+        got = out.trial(t)
+        expected = -model.transfer_distance(fs.trial(t), "all", knn="exact")
+        np.testing.assert_allclose(got.query_feat @ got.gallery_feat.T, expected, atol=1e-5)
+
+
+def test_single_mode_ranked_lists_hold_the_distances_of_the_given_amplification():
+    model = _tiny()
+    fs = _feature_set(model, trials=True)
+    out = model.finalize_features(fs, mode="single", k=3, amplify=6.5, knn="exact")
+    ranked_index, ranked_dist = out.extras["ranked_index"], out.extras["ranked_dist"]
+    assert ranked_index.dtype == np.int64 and ranked_dist.dtype == np.float32
+    for t in range(2):
+        q_rows, g_rows = out.trial_rows(t)
+        dist = model.transfer_distance(fs.trial(t), "single", k=3, amplify=6.5, knn="exact")
+        np.testing.assert_allclose(ranked_dist[q_rows, : len(g_rows)], np.sort(dist, axis=1), atol=1e-6)
+    assert np.isinf(ranked_dist[0, 4]) and ranked_index[0, 4] == -1
+
+
+def test_distance_function_passes_its_options():
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    for mode in ("all", "single"):
+        np.testing.assert_allclose(ssft_distance(model, mode, k=3, knn="exact")(fs),
+                                   model.transfer_distance(fs, mode, k=3, knn="exact"), atol=1e-6)
+    assert not np.allclose(model.transfer_distance(fs, "all", k=3), model.transfer_distance(fs, "all"))
+
+
+def test_transfer_accepts_float64_feature_files():
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    wide = _feature_set(model, trials=False)
+    for key in ("query_shared", "gallery_shared", "query_specific", "gallery_specific"):
+        wide.extras[key] = wide.extras[key].astype(np.float64)
+    np.testing.assert_allclose(model.finalize_features(wide, knn="exact").query_feat,
+                               model.finalize_features(fs, knn="exact").query_feat, atol=1e-6)
+
+
+def test_finalize_names_every_unknown_option_and_accepts_k_1():
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    with pytest.raises(InputError, match=r"unknown depth, neighbours \(mode, k, amplify, knn\)"):
+        model.finalize_features(fs, neighbours=3, depth=2)
+    assert model.finalize_features(fs, k=1, knn="exact").meta["ssft"]["k"] == 1

@@ -297,8 +297,8 @@ class SSFTModel(ReIDModel):
         if torch.is_grad_enabled() and shared.requires_grad:
             identity = label_smoothed_cross_entropy(outputs["shared_logits"], labels, p.label_smoothing)
             for name, term in (("adv_grad_h", modality_term), ("id_grad_h", identity)):
-                (grad,) = torch.autograd.grad(term, shared, retain_graph=True, allow_unused=True)
-                logs[name] = grad.norm() if grad is not None else shared.new_zeros(())
+                (grad,) = torch.autograd.grad(term, shared, retain_graph=True)
+                logs[name] = grad.norm()
         return total, logs
 
     def adversary_parameters(self) -> list[nn.Parameter]:
