@@ -9,7 +9,7 @@ Printed, all from this one run: the metrics time of the 10 trials (distances pre
 end-to-end time (plain distance + metrics, through ``evaluate_features``), the time of one
 float32 Q x G matmul of the same shapes, and the time of one trial with a per-query Python loop
 (the shape of the classic evaluators) with its ratio to ours. The reference AGW ``eval_sysu`` takes about 9 s per
-trial at 3,803 x 3,010 on the project's 2-core machine (``shared/golden/REFERENCES.md``).
+trial at 3,803 x 3,010 on the project's 2-core machine (``tests/golden/REFERENCES.md``).
 
     python benchmarks/eval_sysu.py [--dim 2048] [--trials 10] [--seed 0] [--repeat 3] [--shots 1 10]
 """

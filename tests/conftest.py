@@ -1,4 +1,4 @@
-"""Shared test fixtures: golden reference data and small-thread torch."""
+"""Shared test fixtures: golden reference data (``tests/golden/``) and small-thread torch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("VIREID_GOLDEN", REPO_ROOT.parent / "shared" / "golden"))
+GOLDEN_DIR = REPO_ROOT / "tests" / "golden"
 
 
 def _limit_threads() -> None:
@@ -23,23 +23,43 @@ def _limit_threads() -> None:
 _limit_threads()
 
 
+def ranking_from_prefix(order: np.ndarray, lengths: np.ndarray, num_gallery: int) -> np.ndarray:
+    """A (Q, G) matrix ranking row i's ``order`` prefix at 0..n_i-1 and every other item tied at n_i.
+
+    The prefix is the reference ranking up to the query's last same-identity item, so every metric
+    (CMC, AP, INP under any removal rule) of this matrix equals that of the reference matrix."""
+    lengths = lengths.astype(np.int64)
+    starts = np.cumsum(lengths) - lengths
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    out = np.repeat(lengths.astype(np.float64)[:, None], num_gallery, axis=1)
+    out[rows, order.astype(np.int64)] = np.arange(len(order)) - np.repeat(starts, lengths)
+    return out
+
+
+def load_golden(name: str) -> dict[str, np.ndarray]:
+    """``tests/golden/<name>`` as a dict (schema in ``tests/golden/README.md``), plus ``ranking_<M>``:
+    the metric-equivalent (Q, G) matrix of every reference distance (``ranking_<M>_t2v``: RegDB
+    thermal->visible, (G, Q)). ``dist_<M>`` holds only the rows ``rows`` of the reference distance."""
+    with np.load(GOLDEN_DIR / name) as z:
+        data = {k: z[k] for k in z.files}
+    for key in [k for k in data if k.startswith("order_len_")]:
+        method = key[len("order_len_"):]
+        width = len(data["query_id"] if method.endswith("_t2v") else data["gallery_id"])
+        data[f"ranking_{method}"] = ranking_from_prefix(data[f"order_{method}"], data[key], width)
+    return data
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    """``../shared/golden`` (or $VIREID_GOLDEN). Missing: skip, unless CI requires it."""
-    if not (GOLDEN_DIR / "sysu_like.npz").is_file():
-        if os.environ.get("VIREID_REQUIRE_GOLDEN") == "1" or os.environ.get("CI") == "true":
-            pytest.fail(f"golden data required but not found at {GOLDEN_DIR}")
-        pytest.skip(f"golden data not found at {GOLDEN_DIR}")
+    """``tests/golden``: the golden files, usable directly as ``vireid`` feature files."""
     return GOLDEN_DIR
 
 
 @pytest.fixture(scope="session")
-def sysu_golden(golden_dir: Path) -> dict[str, np.ndarray]:
-    z = np.load(golden_dir / "sysu_like.npz")
-    return {k: z[k] for k in z.files}
+def sysu_golden() -> dict[str, np.ndarray]:
+    return load_golden("sysu_like.npz")
 
 
 @pytest.fixture(scope="session")
-def regdb_golden(golden_dir: Path) -> dict[str, np.ndarray]:
-    z = np.load(golden_dir / "regdb_like.npz")
-    return {k: z[k] for k in z.files}
+def regdb_golden() -> dict[str, np.ndarray]:
+    return load_golden("regdb_like.npz")

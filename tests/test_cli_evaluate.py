@@ -44,10 +44,11 @@ def _rewrite(path: Path, **changes: np.ndarray | None) -> Path:
     return out
 
 
-def test_golden_file_with_its_distance_gives_the_reference_metrics(golden_dir: Path, tmp_path: Path, capsys) -> None:
-    with np.load(golden_dir / "sysu_like.npz") as z:
-        np.save(tmp_path / "sim.npy", z["dist_sim"])
-        expected = {"cmc": z["cmc_sim"], "mAP": float(z["mAP_sim"]), "mINP": float(z["mINP_sim"])}
+def test_golden_file_with_its_distance_gives_the_reference_metrics(golden_dir: Path, sysu_golden, tmp_path: Path,
+                                                                   capsys) -> None:
+    z = sysu_golden
+    np.save(tmp_path / "sim.npy", z["ranking_sim"])
+    expected = {"cmc": z["cmc_sim"], "mAP": float(z["mAP_sim"]), "mINP": float(z["mINP_sim"])}
     out = tmp_path / "result.json"
     code = main(["evaluate", str(golden_dir / "sysu_like.npz"), "--protocol", "sysu",
                  "--distance", str(tmp_path / "sim.npy"), "--json", str(out)])

@@ -59,10 +59,25 @@ def test_plain_float64_distance_reproduces_golden_plain_metrics(sysu_golden: dic
     z = sysu_golden
     fs = FeatureSet(z["query_feat"], z["gallery_feat"], z["query_id"], z["gallery_id"], z["query_cam"], z["gallery_cam"])
     dist = plain_distance(fs.query_feat, fs.gallery_feat, dtype=np.float64)
-    assert np.abs(dist - z["dist_plain"]).max() < 1e-12
+    assert np.abs(dist[z["rows"]] - z["dist_plain"]).max() < 1e-12
     result = evaluate_features(fs, "sysu", dtype=np.float64).mean
     np.testing.assert_allclose(result.cmc, z["cmc_plain"], atol=1e-6)
     assert result.mAP == pytest.approx(float(z["mAP_plain"]), abs=1e-9)
+
+
+@pytest.mark.parametrize("direction", ["v2t", "t2v"])
+def test_regdb_plain_features_reproduce_golden_metrics_in_both_directions(regdb_golden: dict[str, np.ndarray],
+                                                                          direction: str) -> None:
+    z = regdb_golden
+    visible = (z["query_feat"], z["query_id"], z["query_cam"])
+    thermal = (z["gallery_feat"], z["gallery_id"], z["gallery_cam"])
+    query, gallery = (visible, thermal) if direction == "v2t" else (thermal, visible)
+    fs = FeatureSet(query[0], gallery[0], query[1], gallery[1], query[2], gallery[2])
+    result = evaluate_features(fs, "regdb", dtype=np.float64).mean
+    suffix = "" if direction == "v2t" else "_t2v"
+    np.testing.assert_allclose(result.cmc, z[f"cmc_plain{suffix}"], atol=1e-6)
+    assert result.mAP == pytest.approx(float(z[f"mAP_plain{suffix}"]), abs=1e-9)
+    assert result.mINP == pytest.approx(float(z[f"mINP_plain{suffix}"]), abs=1e-9)
 
 
 def test_trials_are_evaluated_separately_and_averaged() -> None:

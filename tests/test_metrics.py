@@ -28,8 +28,20 @@ def test_every_golden_distance_reproduces_reference_metrics(request: pytest.Fixt
         _check_golden(z, protocol, method)
 
 
+def test_regdb_thermal_to_visible_reproduces_reference_metrics(regdb_golden: dict[str, np.ndarray]) -> None:
+    """AGW's thermal->visible call: the transposed matrix, query and gallery ids swapped."""
+    z = regdb_golden
+    methods = sorted(k[len("cmc_"):-len("_t2v")] for k in z if k.startswith("cmc_") and k.endswith("_t2v"))
+    assert len(methods) == 6
+    swapped = {**z, "query_id": z["gallery_id"], "gallery_id": z["query_id"], "query_cam": z["gallery_cam"],
+               "gallery_cam": z["query_cam"]}
+    for method in methods:
+        _check_golden(swapped, "regdb", f"{method}_t2v")
+
+
 def _check_golden(z: dict[str, np.ndarray], protocol: str, method: str) -> None:
-    result = evaluate_distance(z[f"dist_{method}"], z["query_id"], z["gallery_id"], z["query_cam"],
+    """``ranking_<M>`` orders every query's gallery exactly as the reference ``dist_<M>`` did."""
+    result = evaluate_distance(z[f"ranking_{method}"], z["query_id"], z["gallery_id"], z["query_cam"],
                                z["gallery_cam"], protocol, chunk_size=37)
     assert result.cmc.dtype == np.float32
     np.testing.assert_allclose(result.cmc, z[f"cmc_{method}"], rtol=0, atol=1e-6, err_msg=method)
@@ -40,7 +52,7 @@ def _check_golden(z: dict[str, np.ndarray], protocol: str, method: str) -> None:
 
 def test_sysu_golden_skips_the_edge_identity(sysu_golden: dict[str, np.ndarray]) -> None:
     z = sysu_golden
-    result = evaluate_distance(z["dist_plain"], z["query_id"], z["gallery_id"], z["query_cam"], z["gallery_cam"], "sysu")
+    result = evaluate_distance(z["ranking_plain"], z["query_id"], z["gallery_id"], z["query_cam"], z["gallery_cam"], "sysu")
     edge_cam3 = int(((z["query_id"] == z["edge_pid"]) & (z["query_cam"] == 3)).sum())
     assert edge_cam3 == 3
     assert (result.num_queries, result.num_valid, result.num_skipped) == (414, 411, 3)

@@ -4,6 +4,7 @@ and the multi-trial feature file built from a protocol."""
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import random
 from pathlib import Path
@@ -25,7 +26,7 @@ from vireid.features import load_features, save_features
 
 @pytest.fixture(scope="module")
 def golden_sampling(golden_dir: Path) -> dict:
-    return json.loads((golden_dir / "sysu_gallery_sampling.json").read_text())
+    return json.loads(lzma.decompress((golden_dir / "sysu_gallery_sampling.json.xz").read_bytes()))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Identity-clustered synthetic cross-modality features for re-ranking tests and benchmarks.
 
-The feature model of the golden data (``shared/golden/README.md``), with ``s = (d/256)^(1/4)``:
+The feature model of the golden data (``tests/golden/README.md``), with ``s = (d/256)^(1/4)``:
 identity centre ``c_k ~ N(0, I)``; visible image ``c_k + e``; infrared image
 ``c_k + o + u_k + e`` with a global offset ``o ~ N(0, (gap_global·s)²)``, a per-identity
 offset ``u_k ~ N(0, (gap_identity·s)²)`` and noise ``e ~ N(0, (noise·s)²)``.  Queries are
