@@ -13,14 +13,9 @@ import torch.nn.functional as F
 from vireid.errors import InputError
 from vireid.evaluation.evaluator import evaluate_features, evaluate_ranked_lists
 from vireid.features import FeatureSet
-from vireid.losses import batch_hard_triplet_loss
-from vireid.losses.adversarial import (
-    modality_adaptation_loss,
-    projection_adversarial_loss,
-    reconstruction_loss,
-)
+from vireid.losses.adversarial import projection_adversarial_loss
 from vireid.models import ModelConfig, create_model
-from vireid.models.methods.ssft import SSFTModel, ssft_distance
+from vireid.models.methods.ssft import SSFTModel, SSFTParams, cross_modality_precision, ssft_distance
 from vireid.models.methods.ssft_transfer import (
     SharedSpecificTransfer,
     affinity,
@@ -80,8 +75,17 @@ def _dense_topk_graph(shared, specific, modality, k, own_block=None):
     return kept
 
 
+def _pad(shared, specific, modality):
+    """Eq. 5 row by row: [P; H; 0] for visible, [0; H; P] for infrared."""
+    rows = []
+    for i in range(len(modality)):
+        zero = torch.zeros_like(specific[i])
+        rows.append(torch.cat([specific[i], shared[i], zero] if modality[i] == 0 else [zero, shared[i], specific[i]]))
+    return torch.stack(rows)
+
+
 def _dense_propagation(adjacency, z, weight):
-    """Eq. 9 directly: ReLU(D^{-1/2} A D^{-1/2} Z W) with dense matrices."""
+    """Eq. 10 directly: ReLU(D^{-1/2} A D^{-1/2} Z W) with dense matrices."""
     d = torch.diag(adjacency.sum(1).rsqrt())
     return F.relu(d @ adjacency @ d @ z.double() @ weight.double().t())
 
@@ -112,6 +116,16 @@ def test_padded_features_eq5():
         torch.testing.assert_close(z[i], expected)
 
 
+def test_padded_features_of_the_table3_ablations():
+    shared, specific = torch.tensor([[1.0], [2.0]]), torch.tensor([[3.0], [4.0]])
+    modality = torch.tensor([0, 1])
+    assert padded_features(shared, specific, modality, "both").tolist() == [[3, 1, 0], [0, 2, 4]]
+    assert padded_features(shared, specific, modality, "shared").tolist() == [[0, 1, 0], [0, 2, 0]]
+    assert padded_features(shared, specific, modality, "specific").tolist() == [[3, 0, 0], [0, 0, 4]]
+    with pytest.raises(ValueError, match="content"):
+        padded_features(shared, specific, modality, "none")
+
+
 def test_batch_neighbours_keep_topk_per_row_and_block():
     shared, specific = torch.randn(7, 5, generator=seeded(6)), torch.randn(7, 5, generator=seeded(7))
     modality = torch.tensor([0, 0, 1, 0, 1, 1, 0])
@@ -123,14 +137,14 @@ def test_batch_neighbours_keep_topk_per_row_and_block():
     assert index.shape == (7, 4)
 
 
-def test_propagate_eq9_matches_dense():
+def test_propagate_eq10_matches_dense():
     shared, specific = torch.randn(6, 3, generator=seeded(8)), torch.randn(6, 3, generator=seeded(9))
     modality = torch.tensor([0, 1, 1, 0, 0, 1])
     w = torch.randn(5, 9, generator=seeded(10))
     index, weight = batch_neighbours(shared, specific, modality, k=2)
     got = propagate(padded_features(shared, specific, modality) @ w.t(), index, weight)
     adjacency = _dense_topk_graph(shared, specific, modality, k=2)
-    expected = _dense_propagation(adjacency, padded_features(shared, specific, modality), w)
+    expected = _dense_propagation(adjacency, _pad(shared, specific, modality), w)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -157,6 +171,16 @@ def test_searched_neighbours_pad_small_blocks():
     shared, specific = np.random.default_rng(0).normal(size=(2, 2, 4)).astype(np.float32)
     index, weight = searched_neighbours(shared, specific, np.array([0, 1]), k=3, knn_method="exact")
     assert (index >= 0).sum(1).tolist() == [2, 2] and (weight[index < 0] == 0).all()
+    assert index.dtype == np.int64 and set(index[index < 0].tolist()) == {-1}
+
+
+def test_searched_neighbours_default_search_is_exact_at_small_sizes():
+    shared, specific = np.random.default_rng(1).normal(size=(2, 9, 4)).astype(np.float32)
+    modality = np.array([0, 1, 0, 0, 1, 1, 0, 1, 0])
+    exact = searched_neighbours(shared, specific, modality, k=2, knn_method="exact")
+    default = searched_neighbours(shared, specific, modality, k=2)
+    np.testing.assert_array_equal(default[0], exact[0])
+    np.testing.assert_allclose(default[1], exact[1], atol=1e-6)
 
 
 def _transfer_module(dim=4, out=5, seed=14) -> SharedSpecificTransfer:
@@ -164,6 +188,8 @@ def _transfer_module(dim=4, out=5, seed=14) -> SharedSpecificTransfer:
     module = SharedSpecificTransfer(dim, out, num_classes=3).eval()
     module.neck.bn.running_mean.copy_(torch.randn(out, generator=seeded(seed)) * 0.1)
     module.neck.bn.running_var.copy_(torch.rand(out, generator=seeded(seed + 1)) + 0.5)
+    module.neck.bn.weight.data.copy_(torch.rand(out, generator=seeded(seed + 2)) + 0.5)
+    module.neck.bn.bias.data.copy_(torch.randn(out, generator=seeded(seed + 3)) * 0.1)
     return module
 
 
@@ -173,7 +199,7 @@ def test_all_queries_transfer_matches_dense():
     modality = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0])
     got = module.transfer_all(shared, specific, modality, k=2, knn_method="exact")
     adjacency = _dense_topk_graph(shared, specific, modality, k=2)
-    z = padded_features(shared, specific, modality)
+    z = _pad(shared, specific, modality)
     hidden = _dense_propagation(adjacency, z, module.projection.weight.detach())
     torch.testing.assert_close(got.double(), _bn_eval(module.neck, hidden), atol=1e-5, rtol=1e-4)
 
@@ -195,28 +221,9 @@ def test_single_query_eq22_matches_dense(gallery_modality):
         modality = torch.cat([q_modality[q:q + 1], g_modality])
         adjacency = _dense_topk_graph(shared, specific, modality, k, own_block=0)
         adjacency[:, 0] *= amplify                       # Eq. 22: the query's (left) block column × k
-        t = _bn_eval(module.neck, _dense_propagation(adjacency, padded_features(shared, specific, modality), w))
+        t = _bn_eval(module.neck, _dense_propagation(adjacency, _pad(shared, specific, modality), w))
         expected = -(t[1:] @ t[0])
         torch.testing.assert_close(got[q].double(), expected, atol=1e-5, rtol=1e-4)
-
-
-# ---------------------------------------------------------------------------- complementary losses
-def test_modality_adaptation_loss_is_cross_entropy():
-    logits = torch.randn(5, 2, generator=seeded(22))
-    modality = torch.tensor([0, 1, 1, 0, 1])
-    expected = -sum(torch.log_softmax(logits[i], 0)[modality[i]].item() for i in range(5)) / 5
-    assert modality_adaptation_loss(logits, modality).item() == pytest.approx(expected, rel=1e-5)
-
-
-def test_projection_adversarial_loss_is_mean_distance():
-    projected, shared = torch.randn(4, 3, generator=seeded(23)), torch.randn(4, 3, generator=seeded(24))
-    expected = sum(float(torch.sqrt(((projected[i] - shared[i]) ** 2).sum())) for i in range(4)) / 4
-    assert projection_adversarial_loss(projected, shared).item() == pytest.approx(expected, rel=1e-5)
-
-
-def test_reconstruction_loss_is_mean_squared_error():
-    a, b = torch.randn(2, 3, 4, 2, generator=seeded(25)), torch.randn(2, 3, 4, 2, generator=seeded(26))
-    assert reconstruction_loss(a, b).item() == pytest.approx(float(((a - b) ** 2).sum()) / a.numel(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -250,30 +257,213 @@ def test_forward_routes_each_modality_through_its_streams():
                                        atol=1e-5, rtol=1e-4)
 
 
-def test_total_loss_is_eq20_with_eq18_and_eq13_terms():
-    model = _tiny(shared_weight=0.7, specific_weight=0.9, transfer_weight=1.1)
-    images, modality, labels = _batch()
+# an unbalanced batch (5 visible, 3 infrared; identity 2 only visible): per-modality means differ
+# from batch means, so Eq. 18's per-modality terms are told apart from one mixed-batch mean
+UNBALANCED = dict(modality=[0, 0, 0, 0, 0, 1, 1, 1], labels=[0, 0, 1, 1, 2, 0, 1, 1])
+
+
+def _loop_triplet_sum(x, labels, modality, pairs, margin):
+    """Eq. 3 (``intra``) / Eq. 4 (``cross``) by loops: the sum over the two anchor modalities of the
+    batch-hard triplet averaged over that modality's anchors."""
+    total = 0.0
+    for anchor_modality in (0, 1):
+        losses = []
+        for i in range(len(labels)):
+            if modality[i] != anchor_modality:
+                continue
+            allowed = [j for j in range(len(labels)) if (modality[j] == modality[i]) == (pairs == "intra") and j != i]
+            pos = [float(torch.linalg.norm(x[i] - x[j])) for j in allowed if labels[j] == labels[i]]
+            neg = [float(torch.linalg.norm(x[i] - x[j])) for j in allowed if labels[j] != labels[i]]
+            if pos and neg:
+                losses.append(max(0.0, margin + max(pos) - min(neg)))
+        total += sum(losses) / len(losses) if losses else 0.0
+    return total
+
+
+def _loop_ce(logits, labels, rows=None, smoothing=0.0):
+    rows = range(len(labels)) if rows is None else rows
+    values = []
+    for i in rows:
+        log_p = torch.log_softmax(logits[i].detach().double(), 0)
+        values.append(-(1 - smoothing) * float(log_p[labels[i]]) - smoothing * float(log_p.mean()))
+    return sum(values) / len(values)
+
+
+def _reference_loss(model, out, images, labels, modality):
+    """Eq. 20 with Eq. 18, 19 and 13, each piece computed independently of the model's loss code."""
+    p = model.params
+    h, sp = out["shared"].detach(), out["specific"].detach()
+    eps = p.label_smoothing
+    l_h = _loop_ce(out["shared_logits"], labels, smoothing=eps) + p.shared_triplet_weight * _loop_triplet_sum(
+        h, labels, modality, "cross", p.shared_margin)
+    per_modality_ce = [_loop_ce(out["specific_logits"], labels, [i for i in range(len(labels)) if modality[i] == m],
+                                eps) for m in (0, 1)]
+    l_p = 0.5 * sum(per_modality_ce) + p.specific_triplet_weight * _loop_triplet_sum(
+        sp, labels, modality, "intra", p.specific_margin)
+    l_t = 0.0
+    if model.transfer is not None:
+        t = out["transferred"].detach()
+        l_t = _loop_ce(out["transfer_logits"], labels, smoothing=eps) + p.transfer_triplet_weight * (
+            _loop_triplet_sum(t, labels, modality, "cross", p.shared_margin)
+            + _loop_triplet_sum(t, labels, modality, "intra", p.specific_margin))
+    l_re = float(((out["reconstruction"].detach() - images) ** 2).mean())
+    disc = model.discriminator(h)
+    l_ma = _loop_ce(disc, modality)
+    l_conf = sum(-float(torch.log_softmax(disc[i].double(), 0).mean()) for i in range(len(labels))) / len(labels)
+    l_pa = sum(float(torch.linalg.norm(model.projections[int(m)](sp[i]) - h[i])) for i, m in enumerate(modality))
+    l_pa /= len(labels)
+    modality_term = -p.modality_weight * l_ma if p.modality_adversary == "literal" else p.modality_weight * l_conf
+    return l_h + l_p + l_t + p.reconstruction_weight * l_re + modality_term - p.projection_weight * l_pa
+
+
+@pytest.mark.parametrize("params", [
+    {},                                                                        # the paper's weights
+    {"shared_triplet_weight": 0.3, "specific_triplet_weight": 0.7, "transfer_triplet_weight": 0.9,
+     "shared_margin": 1.5, "specific_margin": 2.5, "reconstruction_weight": 0.6, "modality_weight": 0.45,
+     "projection_weight": 0.15, "label_smoothing": 0.1},
+    {"modality_adversary": "literal", "shared_margin": 2.5, "specific_margin": 1.5},
+    {"transfer_content": "none", "test_mode": "shared"},
+])
+def test_total_loss_is_eq20_with_eq18_19_and_13(params):
+    model = _tiny(**params) if params else _tiny()
+    images, modality, labels = random_batch(32, 16, **UNBALANCED)
     out = model(images, modality)
     total, logs = model.compute_loss(out, labels, modality)
-    p = model.params
-    ce = lambda logits: F.cross_entropy(logits, labels)  # noqa: E731
-    tri = batch_hard_triplet_loss
-    l_h = ce(out["shared_logits"]) + tri(out["shared"], labels, modality, "cross", p.shared_margin)
-    l_p = ce(out["specific_logits"]) + tri(out["specific"], labels, modality, "intra", p.specific_margin)
-    l_t = ce(out["transfer_logits"]) + 0.25 * (tri(out["transferred"], labels, modality, "cross", p.shared_margin)
-                                               + tri(out["transferred"], labels, modality, "intra", p.specific_margin))
-    l_re = ((out["reconstruction"] - images) ** 2).mean()
-    l_ma = F.cross_entropy(model.discriminator(out["shared"]), modality)
-    projected = torch.stack([model.projections[int(m)](out["specific"][i]) for i, m in enumerate(modality)])
-    l_pa = (projected - out["shared"]).norm(dim=1).mean()
-    expected = 0.7 * l_h + 0.9 * l_p + 1.1 * l_t + 1.0 * l_re - 0.2 * l_ma - 0.2 * l_pa
-    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
-    for key, value in (("shared", l_h), ("specific", l_p), ("transfer", l_t), ("re", l_re), ("ma", l_ma), ("pa", l_pa)):
-        assert logs[key].item() == pytest.approx(value.item(), rel=1e-5)
+    assert total.item() == pytest.approx(_reference_loss(model, out, images, labels, modality), rel=1e-5, abs=1e-5)
+    names = {"shared", "specific", "re", "ma", "pa", "disc_acc", "adv_grad_h", "id_grad_h"}
+    if model.transfer is not None:
+        names |= {"transfer", "neighbour_precision"}
+    if model.params.modality_adversary == "confusion":
+        names.add("conf")
+    assert set(logs) == names
     assert out["reconstruction"].shape == images.shape
+    assert ("transfer" in logs) == (model.transfer is not None) and ("conf" in logs) == (
+        model.params.modality_adversary == "confusion")
     total.backward()        # the affinity's distance to itself is 0: its gradient must stay finite
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert model.transfer.projection.weight.grad is not None and all(torch.isfinite(g).all() for g in grads)
+    assert all(torch.isfinite(g).all() for g in grads)
+    if model.transfer is not None:
+        assert model.transfer.projection.weight.grad is not None
+
+
+def test_paper_defaults():
+    """§4.1 and Eq. 18: k = 4, λ1 = 1.0, λ2 = λ3 = 0.2, weights 0.5 / 0.5 / 0.25, 4 × 64-channel decoders."""
+    p = SSFTParams()
+    assert (p.graph_k, p.single_query_amplify, p.reconstruction_weight, p.modality_weight, p.projection_weight) == (
+        4, None, 1.0, 0.2, 0.2)
+    assert (p.shared_triplet_weight, p.specific_triplet_weight, p.transfer_triplet_weight) == (0.5, 0.5, 0.25)
+    assert (p.decoder_channels, p.decoder_layers, p.transfer_content, p.label_smoothing) == (64, 4, "both", 0.0)
+    assert (p.test_mode, p.modality_adversary, p.shared_margin, p.specific_margin) == ("all", "confusion", 0.3, 0.3)
+
+
+@pytest.mark.parametrize("adversary", ["literal", "confusion"])
+def test_logged_gradients_reaching_h_and_discriminator_accuracy(adversary):
+    model = _tiny(modality_adversary=adversary)
+    images, modality, labels = _batch()
+    out = model(images, modality)
+    _, logs = model.compute_loss(out, labels, modality)
+    h = out["shared"].detach().requires_grad_()
+    logits = model.discriminator(h)
+    if adversary == "literal":
+        term = 0.2 * torch.stack([torch.log_softmax(logits[i], 0)[modality[i]] for i in range(8)]).mean()
+    else:
+        term = -0.2 * torch.log_softmax(logits, 1).mean()
+    (adv,) = torch.autograd.grad(term, h)
+    (ident,) = torch.autograd.grad(F.cross_entropy(model.shared_neck(h)[1], labels), h)
+    assert logs["adv_grad_h"].item() == pytest.approx(float(adv.norm()), rel=1e-4)
+    assert logs["id_grad_h"].item() == pytest.approx(float(ident.norm()), rel=1e-4)
+    correct = sum(int(logits[i].argmax()) == int(modality[i]) for i in range(8))
+    assert logs["disc_acc"].item() == pytest.approx(correct / 8)
+    with torch.no_grad():                                    # no gradient logs without autograd
+        _, quiet = model.compute_loss(model(images, modality), labels, modality)
+        detached = model(images, modality)
+    assert "adv_grad_h" not in quiet and "disc_acc" in quiet
+    _, quiet = model.compute_loss(detached, labels, modality)  # nor on outputs computed without it
+    assert "adv_grad_h" not in quiet and "id_grad_h" not in quiet
+
+
+def test_logged_neighbour_precision_is_the_same_identity_share_of_cross_modality_neighbours():
+    model = _tiny()
+    images, modality, labels = _batch()
+    out = model(images, modality)
+    _, logs = model.compute_loss(out, labels, modality)
+    kept = _dense_topk_graph(out["shared"].detach(), out["specific"].detach(), modality, k=2)
+    hits = total = 0
+    for i in range(8):
+        for j in range(8):
+            if kept[i, j] > 0 and modality[i] != modality[j]:
+                total += 1
+                hits += int(labels[i] == labels[j])
+    assert total == 16 and logs["neighbour_precision"].item() == pytest.approx(hits / total)
+
+
+def test_cross_modality_precision_hand_worked():
+    index = torch.tensor([[0, 2, 3], [1, 3, -1], [2, 0, 1], [3, 1, 0]])
+    labels = torch.tensor([0, 1, 0, 0])
+    modality = torch.tensor([0, 0, 1, 1])
+    # cross pairs: (0,2) same, (0,3) same, (1,3) diff, (2,0) same, (2,1) diff, (3,1) diff, (3,0) same
+    assert cross_modality_precision(index, labels, modality).item() == pytest.approx(4 / 7)
+    assert cross_modality_precision(torch.tensor([[0], [1]]), labels[:2], modality[:2]).item() == 0.0
+    one = torch.tensor([[0, 2], [1, -1], [2, -1]])             # a single cross-modality pair, same identity
+    assert cross_modality_precision(one, labels[:3], modality[:3]).item() == 1.0
+
+
+def test_no_transfer_model_has_no_sstn():
+    model = _tiny(transfer_content="none", test_mode="shared")
+    images, modality, _ = _batch()
+    out = model(images, modality)
+    assert model.transfer is None and "transferred" not in out and "neighbour_index" not in out
+    fs = _feature_set(model, trials=False)
+    assert model.finalize_features(fs) is fs
+    with pytest.raises(InputError, match="transfer_content=none"):
+        model.finalize_features(fs, mode="all")
+    with pytest.raises(InputError, match="test_mode"):
+        method_params(ModelConfig(method="ssft", params={"transfer_content": "none"}))
+
+
+@pytest.mark.parametrize("content", ["shared", "specific"])
+def test_transfer_content_ablations_pad_only_what_is_transferred(content):
+    model = _tiny(transfer_content=content)
+    images, modality, _ = _batch()
+    out = model(images, modality)
+    h, sp = out["shared"].detach(), out["specific"].detach()
+    if content == "shared":
+        sp = torch.zeros_like(sp)
+    else:
+        h = torch.zeros_like(h)
+    graph = _dense_topk_graph(out["shared"].detach(), out["specific"].detach(), modality, k=2)
+    z = torch.cat([sp * (modality == 0).unsqueeze(1), h, sp * (modality == 1).unsqueeze(1)], dim=1)
+    expected = _dense_propagation(graph, z, model.transfer.projection.weight.detach())
+    torch.testing.assert_close(out["transferred"].detach().double(), expected, atol=1e-4, rtol=1e-3)
+
+
+def _bn_train(neck, x):
+    """BNNeck in training mode by hand: batch mean and biased variance, then the classifier."""
+    bn = neck.bn
+    normed = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + bn.eps) * bn.weight + bn.bias
+    return normed @ neck.classifier.weight.t()
+
+
+def test_identity_logits_are_on_the_bnneck_features_and_reconstruction_on_p_then_h():
+    model = _tiny()
+    images, modality, labels = random_batch(32, 16, **UNBALANCED)
+    out = model(images, modality)
+    h, sp = out["shared"].detach(), out["specific"].detach()
+    torch.testing.assert_close(out["shared_logits"].detach(), _bn_train(model.shared_neck, h), atol=1e-5, rtol=1e-4)
+    for m in (0, 1):                              # Feat^m: each modality's own BNNeck, its own batch statistics
+        rows = modality == m
+        torch.testing.assert_close(out["specific_logits"][rows].detach(), _bn_train(model.specific_necks[m], sp[rows]),
+                                   atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["transfer_logits"].detach(),
+                               _bn_train(model.transfer.neck, out["transferred"].detach()), atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        shared_map, specific_map = model.backbone(images, modality)
+        for i, m in enumerate(modality.tolist()):  # Eq. 16: De^m([P^m; H^m]) on the feature maps
+            expected = model.decoders[m](torch.cat([specific_map[i:i + 1], shared_map[i:i + 1]], 1))
+            torch.testing.assert_close(out["reconstruction"][i:i + 1], expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out["modality_logits"], model.discriminator(h), atol=1e-6, rtol=1e-5)
+        projected = torch.stack([model.projections[m](sp[i]) for i, m in enumerate(modality.tolist())])
+        torch.testing.assert_close(out["projected"], projected, atol=1e-6, rtol=1e-5)
 
 
 def test_transferred_feature_in_training_is_the_batch_sstn():
@@ -281,7 +471,7 @@ def test_transferred_feature_in_training_is_the_batch_sstn():
     images, modality, _ = _batch()
     out = model(images, modality)
     adjacency = _dense_topk_graph(out["shared"].detach(), out["specific"].detach(), modality, k=2)
-    z = padded_features(out["shared"].detach(), out["specific"].detach(), modality)
+    z = _pad(out["shared"].detach(), out["specific"].detach(), modality)
     expected = _dense_propagation(adjacency, z, model.transfer.projection.weight.detach())
     torch.testing.assert_close(out["transferred"].detach().double(), expected, atol=1e-4, rtol=1e-3)
 
@@ -308,19 +498,71 @@ def test_reconstruct_decodes_shared_specific_and_full():
     rec = model.reconstruct(images, modality)
     with torch.no_grad():
         shared_map, specific_map = model.backbone(images, modality)
-        full = torch.cat([model.decoders[int(m)](torch.cat([specific_map[i:i + 1], shared_map[i:i + 1]], 1))
-                          for i, m in enumerate(modality)])
-        shared_only = model.decoders[1](torch.cat([torch.zeros_like(specific_map[1:2]), shared_map[1:2]], 1))
-    torch.testing.assert_close(rec["full"], full, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(rec["shared"][1:2], shared_only, atol=1e-5, rtol=1e-4)
-    assert set(rec) == {"full", "shared", "specific"} and rec["specific"].shape == images.shape
+
+        def decode(i, p_map, h_map):
+            return model.decoders[int(modality[i])](torch.cat([p_map[i:i + 1], h_map[i:i + 1]], 1))
+
+        zeros_p, zeros_h = torch.zeros_like(specific_map), torch.zeros_like(shared_map)
+        for i in (0, 1):
+            torch.testing.assert_close(rec["full"][i:i + 1], decode(i, specific_map, shared_map), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(rec["shared"][i:i + 1], decode(i, zeros_p, shared_map), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(rec["specific"][i:i + 1], decode(i, specific_map, zeros_h), atol=1e-5, rtol=1e-4)
+    assert set(rec) == {"full", "shared", "specific"}
 
 
-def test_bad_params_and_split_name_the_key():
-    with pytest.raises(InputError, match="graph_k"):
-        method_params(ModelConfig(method="ssft", params={"graph_k": 0}))
-    with pytest.raises(InputError, match="test_mode"):
-        method_params(ModelConfig(method="ssft", params={"test_mode": "every"}))
+def test_reconstruction_is_resized_to_inputs_the_decoder_cannot_match():
+    model = _tiny()
+    images, modality, _ = random_batch(40, 24, modality=[0, 1, 0, 1], labels=[0, 0, 1, 1])
+    out = model(images, modality)
+    with torch.no_grad():
+        shared_map, specific_map = model.backbone(images, modality)
+        decoded = torch.cat([model.decoders[int(m)](torch.cat([specific_map[i:i + 1], shared_map[i:i + 1]], 1))
+                             for i, m in enumerate(modality)])
+    assert decoded.shape[-2:] == (48, 32)                          # 3×2 map, 4 sub-pixel ×2 layers
+    expected = F.interpolate(decoded, size=(40, 24), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out["reconstruction"].detach(), expected, atol=1e-5, rtol=1e-4)
+    assert model.reconstruct(images, modality)["full"].shape == images.shape
+
+
+def test_eval_forward_and_extract_give_the_normalised_bn_shared_feature():
+    model = _tiny().eval()
+    images, modality, _ = _batch()
+    with torch.no_grad():
+        out = model.extract(images, modality)
+        shared_map, specific_map = model.backbone(images, modality)
+    bn = model.shared_neck.bn
+    h = shared_map.mean(dim=(2, 3))
+    expected = (h - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+    torch.testing.assert_close(out["feat"], expected / expected.norm(dim=1, keepdim=True), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["shared"], h, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["specific"], specific_map.mean(dim=(2, 3)), atol=1e-5, rtol=1e-4)
+    assert out["modality"].dtype == torch.float32 and out["modality"].tolist() == modality.float().tolist()
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("graph_k", 0), ("transfer_dim", 0), ("single_query_amplify", 0.0), ("shared_margin", -0.1),
+    ("specific_margin", -0.1), ("shared_triplet_weight", -1.0), ("specific_triplet_weight", -1.0),
+    ("transfer_triplet_weight", -1.0), ("reconstruction_weight", -1.0), ("modality_weight", -1.0),
+    ("projection_weight", -1.0), ("discriminator_hidden", 0), ("decoder_channels", 0), ("decoder_layers", 0),
+    ("label_smoothing", 1.0), ("label_smoothing", -0.1), ("transfer_content", "all"),
+    ("modality_adversary", "gradient"), ("test_mode", "every"),
+])
+def test_bad_params_name_the_key(key, value):
+    with pytest.raises(InputError, match=f"model.params.{key}"):
+        method_params(ModelConfig(method="ssft", params={key: value}))
+
+
+def test_boundary_params_are_accepted():
+    params = method_params(ModelConfig(method="ssft", params={
+        "graph_k": 1, "transfer_dim": 1, "single_query_amplify": 1e-3, "shared_margin": 0.0, "specific_margin": 0.0,
+        "shared_triplet_weight": 0.0, "specific_triplet_weight": 0.0, "transfer_triplet_weight": 0.0,
+        "reconstruction_weight": 0.0, "modality_weight": 0.0, "projection_weight": 0.0, "discriminator_hidden": 1,
+        "decoder_channels": 1, "decoder_layers": 1, "label_smoothing": 0.0, "transfer_content": "specific",
+        "modality_adversary": "literal", "test_mode": "single"}))
+    assert params.graph_k == 1 and params.transfer_content == "specific"
+
+
+def test_bad_split_names_the_key():
     with pytest.raises(InputError, match="model.split"):
         create_model(ModelConfig(method="ssft", backbone="resnet10", split="layer4", pretrained=None), 3)
 
@@ -348,7 +590,9 @@ def _feature_set(model: SSFTModel, trials: bool) -> FeatureSet:
 def test_finalize_all_mode_replaces_features_by_the_transfer():
     model = _tiny()
     fs = _feature_set(model, trials=False)
+    fs.meta = {"protocol": {"name": "regdb"}}
     out = model.finalize_features(fs, mode="all", knn="exact")
+    assert out.meta["protocol"] == {"name": "regdb"} and out.query_feat.dtype == np.float32
     shared = torch.from_numpy(np.concatenate([fs.extras["query_shared"], fs.extras["gallery_shared"]]))
     specific = torch.from_numpy(np.concatenate([fs.extras["query_specific"], fs.extras["gallery_specific"]]))
     modality = torch.tensor([1] * 4 + [0] * 6)
@@ -364,6 +608,8 @@ def test_finalize_all_mode_gives_each_trial_its_own_graph():
     fs = _feature_set(model, trials=True)
     out = model.finalize_features(fs, k=2)
     assert out.query_feat.shape[0] == 8 and out.gallery_feat.shape[0] == 9 and out.num_trials == 2
+    assert out.trial_gallery_index.tolist() == [[0, 1, 2, 3, -1], [4, 5, 6, 7, 8]]
+    assert out.gallery_feat.dtype == np.float32 and out.query_feat.dtype == np.float32
     assert out.extras["query_path"].tolist() == [f"q{i}.png" for i in range(4)] * 2
     for t in range(2):
         trial = fs.trial(t)
@@ -400,3 +646,119 @@ def test_finalize_rejects_bad_input():
         model.finalize_features(fs, neighbours=3)
     with pytest.raises(InputError, match="mode"):
         model.finalize_features(fs, mode="every")
+
+
+def test_finalize_rejects_bad_options_and_feature_files():
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    for options, message in (({"k": 0}, "k must be >= 1"), ({"amplify": 0}, "amplify > 0"),
+                             ({"k": "four"}, "k must be an integer"), ({"amplify": "x"}, "amplify a number")):
+        with pytest.raises(InputError, match=message):
+            model.finalize_features(fs, **options)
+    short = _feature_set(model, trials=False)
+    short.extras["query_shared"] = short.extras["query_shared"][:3]
+    with pytest.raises(InputError, match="query_shared has 3 rows but the file has 4 query rows"):
+        model.finalize_features(short)
+    odd = _feature_set(model, trials=False)
+    odd.extras["gallery_modality"] = np.full(6, 2.0, dtype=np.float32)
+    with pytest.raises(InputError, match="gallery_modality must hold 0"):
+        model.finalize_features(odd)
+
+
+def test_single_query_amplification_defaults_to_k():
+    """Eq. 22 multiplies the query's column by the k of T(·, k): the default follows the test's k."""
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    for k in (2, 3):
+        default = model.finalize_features(fs, mode="single", k=k, knn="exact")
+        assert default.meta["ssft"] == {"mode": "single", "k": k, "amplify": float(k), "knn": "exact"}
+        explicit = model.transfer_distance(fs, "single", k=k, amplify=k, knn="exact")
+        np.testing.assert_allclose(default.extras["ranked_dist"], np.sort(explicit, axis=1), atol=1e-6)
+        assert not np.allclose(explicit, model.transfer_distance(fs, "single", k=k, amplify=1.0, knn="exact"))
+    fixed = _tiny(single_query_amplify=7.0)
+    assert fixed.finalize_features(_feature_set(fixed, trials=False), mode="single").meta["ssft"]["amplify"] == 7.0
+
+
+def test_shared_mode_distance_is_the_negative_cosine_of_the_plain_features():
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    q = fs.query_feat / np.linalg.norm(fs.query_feat, axis=1, keepdims=True)
+    g = fs.gallery_feat / np.linalg.norm(fs.gallery_feat, axis=1, keepdims=True)
+    np.testing.assert_allclose(model.transfer_distance(fs, "shared"), -(q @ g.T), atol=1e-5)
+    np.testing.assert_allclose(ssft_distance(model, "shared")(fs), -(q @ g.T), atol=1e-5)
+
+
+def test_propagate_in_several_chunks_matches_dense(monkeypatch):
+    import vireid.models.methods.ssft_transfer as transfer_module
+
+    monkeypatch.setattr(transfer_module, "_GATHER_ELEMENTS", 20)          # 20 // (4 · 3) = 1 row per chunk
+    shared, specific = torch.randn(5, 3, generator=seeded(40)), torch.randn(5, 3, generator=seeded(41))
+    modality = torch.tensor([0, 1, 0, 1, 1])
+    w = torch.randn(3, 9, generator=seeded(42))
+    index, weight = batch_neighbours(shared, specific, modality, k=2)
+    got = propagate(padded_features(shared, specific, modality) @ w.t(), index, weight)
+    expected = _dense_propagation(_dense_topk_graph(shared, specific, modality, k=2), _pad(shared, specific, modality), w)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_batch_neighbours_keep_a_whole_block_smaller_than_k():
+    shared, specific = torch.randn(5, 3, generator=seeded(43)), torch.randn(5, 3, generator=seeded(44))
+    modality = torch.tensor([0, 1, 0, 0, 0])
+    index, weight = batch_neighbours(shared, specific, modality, k=3)
+    assert index.shape == (5, 4)                     # 3 visible + the only infrared image
+    rebuilt = torch.zeros(5, 5, dtype=torch.float64).scatter_(1, index, weight.double())
+    torch.testing.assert_close(rebuilt, _dense_topk_graph(shared, specific, modality, k=3), atol=1e-5, rtol=1e-5)
+
+
+def test_three_trials_get_disjoint_row_blocks():
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    fs.trial_query_index = np.array([[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]])
+    fs.trial_gallery_index = np.array([[0, 1, 2, -1], [3, 4, 5, -1], [0, 2, 4, 5]])
+    out = model.finalize_features(fs, knn="exact")
+    assert out.trial_query_index.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert out.trial_gallery_index.tolist() == [[0, 1, 2, -1], [3, 4, 5, -1], [6, 7, 8, 9]]
+    for t in range(3):
+        got = out.trial(t)
+        expected = -model.transfer_distance(fs.trial(t), "all", knn="exact")
+        np.testing.assert_allclose(got.query_feat @ got.gallery_feat.T, expected, atol=1e-5)
+
+
+def test_single_mode_ranked_lists_hold_the_distances_of_the_given_amplification():
+    model = _tiny()
+    fs = _feature_set(model, trials=True)
+    out = model.finalize_features(fs, mode="single", k=3, amplify=6.5, knn="exact")
+    ranked_index, ranked_dist = out.extras["ranked_index"], out.extras["ranked_dist"]
+    assert ranked_index.dtype == np.int64 and ranked_dist.dtype == np.float32
+    for t in range(2):
+        q_rows, g_rows = out.trial_rows(t)
+        dist = model.transfer_distance(fs.trial(t), "single", k=3, amplify=6.5, knn="exact")
+        np.testing.assert_allclose(ranked_dist[q_rows, : len(g_rows)], np.sort(dist, axis=1), atol=1e-6)
+    assert np.isinf(ranked_dist[0, 4]) and ranked_index[0, 4] == -1
+
+
+def test_distance_function_passes_its_options():
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    for mode in ("all", "single"):
+        np.testing.assert_allclose(ssft_distance(model, mode, k=3, knn="exact")(fs),
+                                   model.transfer_distance(fs, mode, k=3, knn="exact"), atol=1e-6)
+    assert not np.allclose(model.transfer_distance(fs, "all", k=3), model.transfer_distance(fs, "all"))
+
+
+def test_transfer_accepts_float64_feature_files():
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    wide = _feature_set(model, trials=False)
+    for key in ("query_shared", "gallery_shared", "query_specific", "gallery_specific"):
+        wide.extras[key] = wide.extras[key].astype(np.float64)
+    np.testing.assert_allclose(model.finalize_features(wide, knn="exact").query_feat,
+                               model.finalize_features(fs, knn="exact").query_feat, atol=1e-6)
+
+
+def test_finalize_names_every_unknown_option_and_accepts_k_1():
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    with pytest.raises(InputError, match=r"unknown depth, neighbours \(mode, k, amplify, knn\)"):
+        model.finalize_features(fs, neighbours=3, depth=2)
+    assert model.finalize_features(fs, k=1, knn="exact").meta["ssft"]["k"] == 1

@@ -62,7 +62,9 @@ def test_min_max_alternation_through_the_engine(tmp_path):
     (_, min_net, min_adv), (_, max_net, max_adv) = steps
     assert sum(min_net) > 0.9 * len(network) and not any(min_adv)   # network step: discriminator fixed
     assert all(max_adv) and not any(max_net)                         # adversary step: network fixed
-    assert {"loss", "adversary_loss", "ma", "pa", "re", "transfer"} <= set(logs)
+    assert {"loss", "adversary_loss", "ma", "conf", "pa", "re", "transfer", "disc_acc", "adv_grad_h", "id_grad_h",
+            "neighbour_precision"} <= set(logs)
+    assert 0.0 <= logs["disc_acc"] <= 1.0 and logs["adv_grad_h"] > 0 and logs["id_grad_h"] > 0
 
 
 @pytest.fixture(scope="module")

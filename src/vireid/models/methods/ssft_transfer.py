@@ -3,9 +3,13 @@
 Every sample is a graph node. Its padded feature puts the specific feature in its modality's
 slot (Eq. 5): Z^R = [P^R; H^R; 0], Z^I = [0; H^I; P^I]. Affinities use the specific features
 inside a modality and the shared features across modalities, with
-d(a, b) = 1 − ½ ||a/|a| − b/|b||| (Eq. 7), and each (row, modality block) keeps its top k (T(·, k)).
-Propagation (Eq. 9): Z̃ = ReLU(D^{-1/2} A D^{-1/2} Z W), D the diagonal of A's row sums; Feat^t
-(a BNNeck) turns Z̃ into the transferred feature T.
+d(a, b) = 1 − ½ ||a/|a| − b/|b||| (Eq. 7), and each (row, modality block) keeps its top k (T(·, k),
+Eq. 8). The padded features of all samples are stacked (Eq. 9) and propagated (Eq. 10):
+Z̃ = ReLU(D^{-1/2} A D^{-1/2} Z W), D the diagonal of A's row sums; Feat^t (a BNNeck) turns Z̃
+into the transferred feature T (Eq. 11).
+
+Table 3's ablations of what is transferred: ``content="shared"`` pads Z = [0; H; 0] (ShT only),
+``"specific"`` Z = [P^R; 0; P^I] (SpT only), ``"both"`` is Eq. 5.
 
 The graph is held as neighbour lists — ``index`` (N, K) int64, ``-1`` pads, and ``weight`` (N, K) —
 so memory is O(N·k): in a training batch the lists come from the dense B×B block affinities, at
@@ -42,10 +46,21 @@ def pair_affinity(a: Tensor, b: Tensor) -> Tensor:
     return 1.0 - 0.5 * (F.normalize(a.float(), dim=-1) - F.normalize(b.float(), dim=-1)).norm(dim=-1)
 
 
-def padded_features(shared: Tensor, specific: Tensor, modality: Tensor) -> Tensor:
-    """cm-SSFT Eq. 5: Z^R = [P^R; H^R; 0] for visible (modality 0), Z^I = [0; H^I; P^I] for infrared, (N, 3d)."""
-    visible = (modality == 0).unsqueeze(1)
+TRANSFER_CONTENTS: tuple[str, ...] = ("both", "shared", "specific")
+
+
+def padded_features(shared: Tensor, specific: Tensor, modality: Tensor, content: str = "both") -> Tensor:
+    """cm-SSFT Eq. 5: Z^R = [P^R; H^R; 0] for visible (modality 0), Z^I = [0; H^I; P^I] for infrared, (N, 3d).
+
+    ``content`` ``"shared"`` zeroes the P segments, ``"specific"`` the H segment (Table 3, ShT / SpT)."""
+    if content not in TRANSFER_CONTENTS:
+        raise ValueError(f"content must be one of {TRANSFER_CONTENTS}, got {content!r}")
     zeros = torch.zeros_like(specific)
+    if content == "shared":
+        specific = zeros
+    elif content == "specific":
+        shared = torch.zeros_like(shared)
+    visible = (modality == 0).unsqueeze(1)
     return torch.cat([torch.where(visible, specific, zeros), shared, torch.where(visible, zeros, specific)], dim=1)
 
 
@@ -96,7 +111,7 @@ def searched_neighbours(shared: np.ndarray, specific: np.ndarray, modality: np.n
 
 
 def propagate(zw: Tensor, index: Tensor, weight: Tensor) -> Tensor:
-    """cm-SSFT Eq. 9 on neighbour lists: Z̃ = ReLU(D^{-1/2} A D^{-1/2} (Z W)), D_ii = Σ_j A_ij.
+    """cm-SSFT Eq. 10 on neighbour lists: Z̃ = ReLU(D^{-1/2} A D^{-1/2} (Z W)), D_ii = Σ_j A_ij.
 
     ``zw`` is Z W (N, d'); row i aggregates its listed neighbours j with A_ij / sqrt(D_ii D_jj).
     Rows are processed in chunks so at most ~16M gathered values exist at once.
@@ -113,23 +128,27 @@ def propagate(zw: Tensor, index: Tensor, weight: Tensor) -> Tensor:
 
 
 class SharedSpecificTransfer(nn.Module):
-    """The SSTN's learnable parts: W of Eq. 9 (3d -> ``out_dim``, no bias) and the BNNeck Feat^t."""
+    """The SSTN's learnable parts: W of Eq. 10 (3d -> ``out_dim``, no bias) and the BNNeck Feat^t (Eq. 11).
+    ``content``: what the padded features carry (:func:`padded_features`)."""
 
-    def __init__(self, dim: int, out_dim: int, num_classes: int) -> None:
+    def __init__(self, dim: int, out_dim: int, num_classes: int, content: str = "both") -> None:
         super().__init__()
+        self.content = content
         self.projection = nn.Linear(3 * dim, out_dim, bias=False)
         self.neck = BNNeck(out_dim, num_classes)
 
     def project(self, shared: Tensor, specific: Tensor, modality: Tensor) -> Tensor:
-        """Z W with Z the padded features of Eq. 5."""
-        return self.projection(padded_features(shared, specific, modality))
+        """Z W with Z the padded features of Eq. 5 (Eq. 9 stacks them row by row)."""
+        return self.projection(padded_features(shared, specific, modality, self.content))
 
-    def forward(self, shared: Tensor, specific: Tensor, modality: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Transfer within a training batch: (Z̃ (B, d'), Feat^t BN feature, identity logits)."""
+    def forward(self, shared: Tensor, specific: Tensor, modality: Tensor,
+                k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Transfer within a training batch: (Z̃ (B, d') of Eq. 10, Feat^t BN feature, identity logits,
+        neighbour index (B, k·M) of Eq. 8)."""
         index, weight = batch_neighbours(shared, specific, modality, k)
         transferred = propagate(self.project(shared, specific, modality), index, weight)
         bn_feat, logits = self.neck(transferred)
-        return transferred, bn_feat, logits
+        return transferred, bn_feat, logits, index
 
     def test_feature(self, transferred: Tensor) -> Tensor:
         """The test-time transferred feature T: the L2-normalised Feat^t BN feature of Z̃ (running statistics)."""
