@@ -153,7 +153,7 @@ variants:
     assert key(b) != base                       # a variant override
     assert key(a, seed=1) != base               # the seed
     assert key(a, r=dataclasses.replace(recipe, lr=1e-3)) != base   # a recipe value
-    assert key(a, r=dataclasses.replace(recipe, difficulty="demo")) != base  # the data
+    assert key(a, r=dataclasses.replace(recipe, difficulty="default")) != base  # the data
     assert bench.evaluation_key(base, "plain") != bench.evaluation_key(base, "aim")
 
 
