@@ -29,11 +29,13 @@ A paper's own augmentation (``transforms.grayscale_prob``), architecture (``mode
 ``optim.grad_clip`` are open. Placeholders: ``{height}``, ``{width}``, ``{num_ids}``,
 ``{per_modality}``, ``{images_per_id}`` (= 2 × per_modality), ``{epochs}``.
 
-Default size (measured on the 2-core CPU): 150 identities at ``vireid demo``'s difficulty, resnet10 at
-64×32, 20 epochs of 15 batches (300 steps; about 0.3 s a step for the baseline on two free cores).
-The baseline reaches 41 % rank-1 / 48 % mAP there (chance: 3 % rank-1), at the generator's default
-difficulty only 17 % / 25 %: too weak a neighbourhood for the re-rankers and cm-SSFT's transfer, which
-build on the neighbours a feature finds (``--difficulty default`` runs it anyway).
+Default size (measured on the 2-core CPU, seconds per training step on two free cores: baseline,
+DF2AM and SAAI 0.33-0.37, XIV 0.57, cm-SSFT 0.93): 150 identities at ``vireid demo``'s difficulty,
+resnet10 at 64×32, 16 epochs of 15 batches (240 steps), so that the baseline and about 15 variants
+over 3 seeds take about 90 minutes. Difficulty: after 300 steps the baseline reached 41 % rank-1 /
+48 % mAP at the demo's difficulty and only 17 % / 25 % at the generator's default (chance: 3 %
+rank-1) -- too weak a neighbourhood for the re-rankers and cm-SSFT's transfer, which build on the
+neighbours a feature finds (``--difficulty default`` runs it anyway).
 
 Evaluation: the synthetic test identities, SYSU official protocol (all-search, single-shot, 10
 trials with seeded gallery permutations; the trial permutations follow the run's seed), percent.
@@ -111,7 +113,7 @@ class Recipe:
 
     ids: int = 150
     difficulty: str = "demo"
-    epochs: int = 20
+    epochs: int = 16
     height: int = 64
     width: int = 32
     backbone: str = "resnet10"
