@@ -89,6 +89,7 @@ NUMBA_KERNELS: dict[str, tuple[str, ...]] = {"src/vireid/retrieval/sim.py": ("_k
 
 DETECTED = ("killed", "timeout")
 UNDETECTED = ("survived", "no tests")
+NOT_RUN = ("not checked", "check was interrupted by user")
 
 
 # --------------------------------------------------------------------------- source analysis
@@ -192,6 +193,7 @@ def prepare_workdir(workdir: Path, files: Sequence[str], tests: Sequence[str]) -
         f"pytest_add_cli_args_test_selection = {json.dumps(list(tests))}",
         'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider"]',
         'process_isolation = "forkserver"',
+        'also_copy = ["configs"]',  # tests train from the tiny configs
         "use_git_change_detection = false",
     ]) + "\n"
     pyproject.write_text(text, encoding="utf-8")
@@ -272,10 +274,12 @@ class Score:
     counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, status: str, equivalent: bool) -> None:
+        self.counts[status] = self.counts.get(status, 0) + 1
+        if status in NOT_RUN:  # a run stopped early: reported, not scored
+            return
         self.total += 1
         self.detected += status in DETECTED
         self.equivalent += equivalent and status not in DETECTED
-        self.counts[status] = self.counts.get(status, 0) + 1
 
     def text(self, with_equivalent: bool) -> str:
         pct = f"{100 * self.detected / self.total:.1f} %" if self.total else "—"
@@ -299,7 +303,7 @@ def report(statuses: dict[str, str], files: Sequence[str], equivalent: dict[str,
         if rel is None:
             continue
         per_file[rel].add(status, name in equivalent)
-        if status not in DETECTED:
+        if status not in DETECTED and status not in NOT_RUN:
             undetected[rel].append((name, status))
     payload: dict[str, object] = {"packages": {}, "files": {}, "excluded": list(notes)}
     for package, folder in PACKAGES.items():
@@ -316,7 +320,8 @@ def report(statuses: dict[str, str], files: Sequence[str], equivalent: dict[str,
         payload["packages"][package] = total.__dict__  # type: ignore[index]
         for rel in members:
             tests = " ".join(Path(t).name for t in MAPPING[rel])
-            print(f"  {rel}: {per_file[rel].text(with_eq) if per_file[rel].total else 'not run'}   [tests: {tests}]")
+            shown = per_file[rel].text(with_eq) if per_file[rel].total else "no results (no mutants, or not run)"
+            print(f"  {rel}: {shown}   [tests: {tests}]")
             payload["files"][rel] = {**per_file[rel].__dict__, "tests": list(MAPPING[rel]),  # type: ignore[index]
                                      "undetected": [{"mutant": n, "status": s, "equivalent": equivalent.get(n)}
                                                     for n, s in undetected[rel]]}
