@@ -29,6 +29,14 @@ A paper's own augmentation (``transforms.grayscale_prob``), architecture (``mode
 ``optim.grad_clip`` are open. Placeholders: ``{height}``, ``{width}``, ``{num_ids}``,
 ``{per_modality}``, ``{images_per_id}`` (= 2 × per_modality), ``{epochs}``.
 
+Default size (measured on the 2-core CPU, seconds per training step on two free cores: baseline,
+DF2AM and SAAI 0.33-0.37, XIV 0.57, cm-SSFT 0.93): 150 identities at ``vireid demo``'s difficulty,
+resnet10 at 64×32, 16 epochs of 15 batches (240 steps), so that the baseline and about 15 variants
+over 3 seeds take about 90 minutes. Difficulty: after 300 steps the baseline reached 41 % rank-1 /
+48 % mAP at the demo's difficulty and only 17 % / 25 % at the generator's default (chance: 3 %
+rank-1) -- too weak a neighbourhood for the re-rankers and cm-SSFT's transfer, which build on the
+neighbours a feature finds (``--difficulty default`` runs it anyway).
+
 Evaluation: the synthetic test identities, SYSU official protocol (all-search, single-shot, 10
 trials with seeded gallery permutations; the trial permutations follow the run's seed), percent.
 Inference names (one registry, ``INFERENCES``): plain, aim, sgr, mnnr, sim, krr (``sysu`` presets of
@@ -62,6 +70,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -103,8 +112,8 @@ class Recipe:
     """The settings every variant shares (the command-line options of the same names)."""
 
     ids: int = 150
-    difficulty: str = "default"
-    epochs: int = 20
+    difficulty: str = "demo"
+    epochs: int = 16
     height: int = 64
     width: int = 32
     backbone: str = "resnet10"
@@ -478,7 +487,7 @@ def train_and_extract(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         finalize_options=RAW_FEATURE_OPTIONS.get(cfg.model.method))
     save_features(run_dir / "features.npz", features)
     return {"train_s": train_s, "steps": summary["global_step"], "num_train_ids": summary["num_train_ids"],
-            "last_checkpoint": summary["last_checkpoint"], "extract_s": time.perf_counter() - start - train_s}
+            "extract_s": time.perf_counter() - start - train_s}
 
 
 def evaluate_inference(features: FeatureSet, inference: str, load_model: Callable[[], torch.nn.Module]) -> dict[str, float]:
@@ -518,14 +527,23 @@ def run_variant(variant: Variant, seed: int, recipe: Recipe, data_root: Path, ou
         record = json.loads(marker.read_text(encoding="utf-8"))
         print(f"{label} {variant.name} seed {seed}: trained run cached ({run_dir.name})", flush=True)
     else:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # a partial or forced run: start clean
-        cfg.output_dir = str(run_dir / "train")
+        # train into a private folder, then rename: a concurrent run of the same key never sees half a run
+        partial = run_dir.with_name(f"{run_dir.name}.partial-{os.getpid()}")
+        if partial.exists():
+            shutil.rmtree(partial)
+        cfg.output_dir = str(partial / "train")
         cfg.progress_bar = progress
         print(f"{label} {variant.name} seed {seed}: training {cfg.model.method} for {cfg.epochs} epochs ...",
               flush=True)
-        record = {"key": key, "variant": variant.name, "material": material, **train_and_extract(cfg, run_dir)}
-        write_json_atomic(marker, record)
+        record = {"key": key, "variant": variant.name, "material": material, **train_and_extract(cfg, partial)}
+        write_json_atomic(partial / "run.json", record)
+        if run_dir.exists() and (force or not marker.is_file()):
+            shutil.rmtree(run_dir)  # a forced rerun, or a folder left without its marker
+        if run_dir.exists():
+            shutil.rmtree(partial)  # another process finished the same run first: keep its copy
+            record = json.loads(marker.read_text(encoding="utf-8"))
+        else:
+            partial.rename(run_dir)
         print(f"{label} {variant.name} seed {seed}: trained in {record['train_s']:.0f} s "
               f"({record['steps']} steps, extraction {record['extract_s']:.0f} s)", flush=True)
     features: FeatureSet | None = None
@@ -690,28 +708,33 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 def select_variants(args: argparse.Namespace, variants: dict[str, Variant], claims: list[Claim],
                     by_file: dict[str, list[str]]) -> tuple[list[str], list[Claim]]:
-    """The variants to run (files, then names, then what their claims need) and the claims among them."""
+    """The variants to run and the claims to check.
+
+    ``--methods``: the files' variants and claims, plus the variants those claims compare against
+    (e.g. the baseline); ``--variants``: those variants and the claims between them; both: the
+    files' variants that are named, and their claims between them; neither: everything.
+    """
+    names = list(variants)
+    selected = claims
     if args.methods:
         unknown = [m for m in args.methods if m not in by_file]
         if unknown:
             raise InputError(f"--methods: no variant file {', '.join(unknown)} in {args.variants_dir} "
                              f"(files: {', '.join(by_file)})")
         names = [n for m in args.methods for n in by_file[m]]
-    else:
-        names = list(variants)
+        files = {variants[n].file for n in names}
+        selected = [c for c in claims if c.file in files]
     if args.variants:
         unknown = [n for n in args.variants if n not in variants]
         if unknown:
             raise InputError(f"--variants: unknown variant {', '.join(unknown)}")
-        names = [n for n in names if n in args.variants] if args.methods else list(args.variants)
-    chosen = set(names)
-    selected_claims = [c for c in claims if c.better[0] in chosen or c.worse[0] in chosen]
-    for c in selected_claims:
+        names = [n for n in names if n in args.variants]
+        selected = [c for c in selected if c.better[0] in names and c.worse[0] in names]
+    for c in selected:
         for name in (c.better[0], c.worse[0]):
-            if name not in chosen:
-                chosen.add(name)
+            if name not in names:
                 names.append(name)
-    return names, selected_claims
+    return names, selected
 
 
 def main(argv: Sequence[str] | None = None) -> int:

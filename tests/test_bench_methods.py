@@ -153,7 +153,7 @@ variants:
     assert key(b) != base                       # a variant override
     assert key(a, seed=1) != base               # the seed
     assert key(a, r=dataclasses.replace(recipe, lr=1e-3)) != base   # a recipe value
-    assert key(a, r=dataclasses.replace(recipe, difficulty="demo")) != base  # the data
+    assert key(a, r=dataclasses.replace(recipe, difficulty="default")) != base  # the data
     assert bench.evaluation_key(base, "plain") != bench.evaluation_key(base, "aim")
 
 
@@ -175,3 +175,23 @@ def test_help_and_dry_run(bench, tmp_path, capsys):
     write(tmp_path, "baseline.yaml", "method: baseline\nvariants: [{name: baseline, overrides: [epochs=1]}]\n")
     assert bench.main(["--variants-dir", str(tmp_path), "--dry-run"]) == 2
     assert "override 'epochs' changes the common recipe" in capsys.readouterr().err
+
+
+def test_selection_runs_what_the_selected_claims_compare_against(bench, tmp_path):
+    write(tmp_path, "baseline.yaml", "method: baseline\nvariants: [{name: baseline}]\n")
+    write(tmp_path, "m.yaml", "method: baseline\nvariants: [{name: m, inference: [plain, aim]}, {name: m2}]\n"
+          "claims: [{better: m/aim, worse: baseline/plain}, {better: m/plain, worse: m2/plain}]\n")
+    recipe = bench.Recipe()
+    loaded = bench.load_variants(tmp_path, recipe)
+
+    def select(*argv):
+        args = bench.parse_args(["--variants-dir", str(tmp_path), *argv])
+        names, claims = bench.select_variants(args, *loaded)
+        return names, [(c.better[0], c.worse[0]) for c in claims]
+
+    assert select("--methods", "baseline") == (["baseline"], [])
+    assert select("--methods", "m") == (["m", "m2", "baseline"], [("m", "baseline"), ("m", "m2")])
+    assert select("--variants", "m", "m2") == (["m", "m2"], [("m", "m2")])
+    assert select() == (["baseline", "m", "m2"], [("m", "baseline"), ("m", "m2")])
+    with pytest.raises(InputError, match="--methods: no variant file nope"):
+        select("--methods", "nope")

@@ -31,13 +31,14 @@ LUMA = (0.299, 0.587, 0.114)
 
 @dataclass
 class TransformConfig:
-    """Input size and augmentation probabilities (defaults: AGW/CAJ on 288×144)."""
+    """Input size and augmentation probabilities (defaults: AGW on 288×144). CAJ's channel
+    augmentation is in none of the implemented papers: off unless ``channel_aug_prob`` > 0."""
 
     height: int = 288
     width: int = 144
     pad: int = 10
     flip_prob: float = 0.5
-    channel_aug_prob: float = 0.5
+    channel_aug_prob: float = 0.0
     grayscale_prob: float = 0.0
     grayscale_mode: Literal["luma", "channel"] = "luma"
     erasing_prob: float = 0.5
