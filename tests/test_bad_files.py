@@ -106,12 +106,13 @@ def test_a_damaged_pretrained_file(tmp_path: Path, capsys: pytest.CaptureFixture
     weights = tmp_path / "resnet18.pth"
     weights.write_bytes(b"PK\x03\x04 this is not a torch file" * 10)
     manifest = tmp_path / "data.csv"
-    image = tmp_path / "a.jpg"
-    Image.new("RGB", (16, 32)).save(image)
+    for i in range(4):
+        Image.new("RGB", (16, 32)).save(tmp_path / f"{i}.jpg")
     manifest.write_text("path,person_id,camera,modality,split\n" + "".join(
-        f"a.jpg,{i},1,{'visible' if i % 2 else 'infrared'},train\n" for i in range(4)))
+        f"{i}.jpg,{i // 2},1,{'visible' if i % 2 else 'infrared'},train\n" for i in range(4)))
     config = tmp_path / "train.yaml"
     config.write_text(f"data: {{root: {manifest}, dataset: manifest}}\nmodel: {{backbone: resnet18, pretrained: {weights}}}\n"
+                      "sampler: {num_ids: 2, per_modality: 1}\n"
                       f"output_dir: {tmp_path / 'run'}\n")
     assert main(["train", "--config", str(config)]) == 2
     _one_line_error(capsys, "resnet18.pth", "not a readable weights file")
