@@ -75,6 +75,20 @@ def test_label_smoothed_ce_matches_direct_formula() -> None:
     assert plain.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
 
 
+def test_label_smoothing_default_epsilon_is_0_1_hand_worked() -> None:
+    # logits (ln 3, 0): p = (3/4, 1/4); eps = 0.1 over K = 2 classes gives the target q = (0.95, 0.05)
+    logits = torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64)
+    expected = -(0.95 * math.log(0.75) + 0.05 * math.log(0.25))
+    assert label_smoothed_cross_entropy(logits, torch.tensor([0])).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 1.5, -0.1])
+def test_label_smoothing_rejects_epsilon_outside_0_1(epsilon: float) -> None:
+    # eps = 1 would make the target uniform whatever the label: no identity left to learn
+    with pytest.raises(ValueError, match=rf"^epsilon must be in \[0, 1\), got {epsilon}$"):
+        label_smoothed_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), epsilon=epsilon)
+
+
 @pytest.mark.parametrize("pairs", ["all", "cross", "intra"])
 @pytest.mark.parametrize("margin", [0.3, None])
 def test_batch_hard_triplet_matches_loop(pairs: str, margin: float | None) -> None:
@@ -150,6 +164,22 @@ def test_pairwise_euclidean_matches_loop_and_clamps_at_sqrt_eps() -> None:
     assert pairwise_euclidean(exact)[0, 1].item() == pytest.approx(math.sqrt(6), rel=1e-6)
 
 
+def test_pairwise_euclidean_keeps_small_distances_next_to_a_large_common_component() -> None:
+    # float32 features 30 (norm) away from the origin, about 0.1 apart, like pooled CNN features: the
+    # Gram-matrix formula on the raw features loses ~1 % of each distance to cancellation
+    common = 30 * torch.tensor([1.0, -1.0] * 32) / 8
+    x = common + 0.01 * torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    rows = x.double().tolist()
+    got = pairwise_euclidean(x)
+    across = pairwise_euclidean(x[:4], x[4:])
+    for i in range(6):
+        for j in range(6):
+            if i != j:
+                assert got[i, j].item() == pytest.approx(math.dist(rows[i], rows[j]), rel=1e-5)
+            if i < 4 <= j:
+                assert across[i, j - 4].item() == pytest.approx(math.dist(rows[i], rows[j]), rel=1e-5)
+
+
 def test_pair_masks_hand_worked() -> None:
     labels = torch.tensor([0, 0, 1, 0])
     modality = torch.tensor([0, 1, 0, 0])
@@ -198,6 +228,9 @@ def test_directed_batch_hard_hand_worked_and_without_valid_anchor() -> None:
     assert loss.item() == pytest.approx(1.75, abs=1e-5)
     loss.backward()
     assert anchors.grad.flatten().tolist() == pytest.approx([0.0, -1.0], abs=1e-5)   # d(6 - 3)/da at a = 4, / 2
+    # a single valid anchor: the mean is its own term, 3.5
+    single = directed_batch_hard_triplet_loss(anchors[1:], torch.tensor([1]), candidates, torch.tensor([0, 1, 1]), 0.5)
+    assert single.item() == pytest.approx(3.5, abs=1e-5)
     none = directed_batch_hard_triplet_loss(anchors, torch.tensor([0, 1]), candidates, torch.tensor([0, 0, 0]))
     assert none.item() == 0.0 and none.requires_grad
 

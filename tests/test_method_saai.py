@@ -322,6 +322,7 @@ def test_center_separation_hand_worked():
     labels = torch.tensor([0, 0, 1, 1])
     # compact: [0.05 - 0.01]_+ twice, 0 twice -> 0.02; separation: [0.7 - 0.45]_+ = 0.25
     assert center_separation_loss(feats, labels, 0.01, 0.7).item() == pytest.approx(0.27, abs=1e-6)
+    assert center_separation_loss(feats, labels).item() == pytest.approx(0.27, abs=1e-6)    # defaults: the paper's
     # rho1 above a sample's distance clears its term; rho2 below the centre gap clears the separation
     assert center_separation_loss(feats, labels, 0.06, 0.4).item() == pytest.approx(0.0, abs=1e-6)
     assert center_separation_loss(feats, labels, 0.0, 0.45).item() == pytest.approx(0.025, abs=1e-6)

@@ -58,7 +58,8 @@ MAPPING: dict[str, tuple[str, ...]] = {
     "src/vireid/losses/__init__.py": ("tests/test_losses.py",),
     "src/vireid/losses/identity.py": ("tests/test_losses.py",),
     "src/vireid/losses/triplet.py": ("tests/test_losses.py",),
-    "src/vireid/losses/adversarial.py": ("tests/test_method_ssft.py",),
+    "src/vireid/losses/adversarial.py": ("tests/test_method_ssft.py", "tests/test_method_ssft_losses.py"),
+    "src/vireid/losses/modality_terms.py": ("tests/test_method_ssft_losses.py",),
     "src/vireid/losses/affinity.py": ("tests/test_method_df2am.py",),
     "src/vireid/losses/center_separation.py": ("tests/test_method_saai.py",),
     "src/vireid/losses/part_diversity.py": ("tests/test_method_saai.py",),
@@ -83,6 +84,8 @@ MAPPING: dict[str, tuple[str, ...]] = {
     "src/vireid/retrieval/knn.py": ("tests/test_knn.py", "tests/test_ranked.py"),
     "src/vireid/retrieval/ranked.py": ("tests/test_ranked.py",),
     "src/vireid/retrieval/synthetic.py": ("tests/test_rerank_paper.py", "tests/test_cli_rerank.py"),
+    "src/vireid/retrieval/gallery_state.py": ("tests/test_single_query.py", "tests/test_index.py"),
+    "src/vireid/retrieval/single.py": ("tests/test_single_query.py", "tests/test_index.py"),
 }
 #: functions that generate the Python source numba compiles (excluded with the kernels themselves).
 NUMBA_KERNELS: dict[str, tuple[str, ...]] = {"src/vireid/retrieval/sim.py": ("_kernel_source",)}
