@@ -4,6 +4,7 @@ Each sub-command lives in its own module ``vireid.cli.<name>`` exposing
 ``register(subparsers) -> None``; the parser it adds sets ``func(args) -> int``.
 Heavy imports (torch, faiss) happen inside ``func`` so ``vireid --help`` stays fast.
 Bad user input raises :class:`vireid.errors.InputError`: one line on stderr, exit code 2.
+A reader of stdout that stops early (``vireid evaluate … | head -1``) ends the command quietly.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import importlib
 import logging
 import os
+import select
+import stat
 import sys
 from collections.abc import Sequence
 
@@ -50,7 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status when the reader of stdout goes away early (``vireid evaluate … | head -1``): what a
+#: process killed by SIGPIPE reports in the shell (128 + 13), as ``yes | head -1`` does.
+BROKEN_PIPE_EXIT = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``vireid`` command; returns its exit status."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # a reader that went away shows here, not as a traceback at interpreter exit
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe broke (a worker process, a socket): a real error
+        _discard_stdout()
+        return BROKEN_PIPE_EXIT
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_console_logging()
@@ -62,6 +84,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vireid {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reading end is closed."""
+    try:
+        fd = sys.stdout.fileno()
+        mode = os.fstat(fd).st_mode
+    except (AttributeError, OSError, ValueError):  # stdout replaced by an object without a descriptor
+        return False
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return False
+    if not hasattr(select, "poll"):  # Windows has no poll(): take the broken pipe to be stdout's
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _discard_stdout() -> None:
+    """Point stdout's file descriptor at the null device, as Python's documentation on SIGPIPE
+    recommends, so that output still buffered when the interpreter exits cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 class _StderrHandler(logging.StreamHandler):

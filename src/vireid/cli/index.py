@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vireid.cli import HelpFormatter, add_subcommand
+from vireid.cli import add_subcommand
 from vireid.cli.options import parse_key_values
 
 
@@ -14,11 +14,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_subcommand(subparsers, "index", "build or extend a gallery index for `vireid search` / `vireid serve`")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    build = actions.add_parser("build", help="encode gallery images into a new index",
-                               description="Encode gallery images into a new index. An existing index is refused "
-                                           "unless --replace is given; the replaced version then stays recoverable "
-                                           "(`vireid index restore`) until `vireid index gc`.",
-                               formatter_class=HelpFormatter)
+    build = add_subcommand(actions, "build", "encode gallery images into a new index",
+                           "Encode gallery images into a new index. An existing index is refused unless --replace "
+                           "is given; the replaced version then stays recoverable (`vireid index restore`) until "
+                           "`vireid index gc`.")
     build.add_argument("--model", required=True, type=Path, help="checkpoint (.pt / run folder) or exported .onnx")
     _source_arguments(build)
     build.add_argument("--out", required=True, type=Path, help="index folder (created)")
@@ -36,29 +35,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "enrolments cost more on an approximate graph)")
     build.set_defaults(func=run_build)
 
-    add = actions.add_parser("add", help="append images to an index (cost in proportion to the images added; "
-                                         "content already enrolled is skipped)", formatter_class=HelpFormatter)
+    add = add_subcommand(actions, "add", "append images to an index (cost in proportion to the images added; "
+                                         "content already enrolled is skipped)",
+                         "Encode images with the model stored in the index and enrol them as a new version, at a "
+                         "cost in proportion to the images added. Images whose content is already enrolled are "
+                         "skipped; after many enrolments the index is compacted.")
     add.add_argument("index", type=Path, help="index folder")
     _source_arguments(add)
     add.set_defaults(func=run_add)
 
-    info = actions.add_parser("info", help="print an index's version, size and settings")
+    info = add_subcommand(actions, "info", "print an index's version, size and settings",
+                          "Print, as JSON, the live version, item count, feature dimension, stored images, "
+                          "enrolment deltas, versions on disk, re-ranking and neighbour-graph settings, the stored "
+                          "model and the versions kept for recovery.")
     info.add_argument("index", type=Path, help="index folder")
     info.set_defaults(func=run_info)
 
-    verify = actions.add_parser("verify", help="read every file of the live version and check they agree "
-                                               "(exit 2 naming the first damaged file)")
+    verify = add_subcommand(actions, "verify", "read every file of the live version and check they agree "
+                                               "(exit 2 naming the first damaged file)",
+                            "Read every file the live version references (features, re-ranking state, metadata "
+                            "database, stored images, model) and check that they agree. A consistent index prints "
+                            "one summary line; a damaged one exits with code 2 naming the first damaged file.")
     verify.add_argument("index", type=Path, help="index folder")
     verify.set_defaults(func=run_verify)
 
-    restore = actions.add_parser("restore", help="make a kept earlier version (e.g. one replaced by "
-                                                 "`build --replace`) live again")
+    restore = add_subcommand(actions, "restore", "make a kept earlier version (e.g. one replaced by "
+                                                 "`build --replace`) live again",
+                             "Make a kept earlier version live again, e.g. the gallery that `vireid index build "
+                             "--replace` replaced. Kept versions are listed by `vireid index info` and removed by "
+                             "`vireid index gc`.")
     restore.add_argument("index", type=Path, help="index folder")
     restore.add_argument("version", help="the version to bring back, e.g. v000003 (see `vireid index info`)")
     restore.set_defaults(func=run_restore)
 
-    gc = actions.add_parser("gc", help="remove earlier versions no reader holds (replaced ones included), "
-                                       "unreferenced files and what interrupted writers left")
+    gc = add_subcommand(actions, "gc", "remove earlier versions no reader holds (replaced ones included), "
+                                       "unreferenced files and what interrupted writers left",
+                        "Remove earlier versions that no reader holds (versions replaced by `build --replace` "
+                        "included, which then can no longer be restored), files and stored images no remaining "
+                        "version references, and temporary files left by interrupted writers. The live version "
+                        "is kept.")
     gc.add_argument("index", type=Path, help="index folder")
     gc.set_defaults(func=run_gc)
 
