@@ -153,7 +153,7 @@ def test_validation_keys_round_trip_and_incomplete_sets_are_one_line_errors(with
     np.savez(tmp_path / "partial.npz", **{k: v for k, v in arrays.items() if k != "val_gallery_cam"})
     with pytest.raises(InputError, match="validation features are incomplete: missing key.s. val_gallery_cam"):
         load_features(tmp_path / "partial.npz")
-    np.savez(tmp_path / "wide.npz", **{**arrays, "val_query_feat": np.zeros((40, 8), np.float32)})
+    np.savez(tmp_path / "wide.npz", **{**arrays, "val_query_feat": np.ones((40, 8), np.float32)})
     with pytest.raises(InputError, match="val_query_feat has d=8"):
         load_features(tmp_path / "wide.npz")
 

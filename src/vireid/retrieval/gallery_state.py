@@ -369,6 +369,7 @@ class RowStore:
         self.settled = settled or _Layer.empty(n)
         self.recent = recent or _Layer.empty(n)
         self._sums: np.ndarray | None = None
+        self._lengths: np.ndarray | None = None
 
     @property
     def ids(self) -> np.ndarray:
@@ -440,6 +441,16 @@ class RowStore:
             out[self.recent.ids] = self.recent.sums()
             self._sums = out
         return self._sums
+
+    def lengths(self) -> np.ndarray:
+        """(n,) stored entries per row (the size of each row's set)."""
+        if self._lengths is None:
+            out = np.zeros(self.n, np.int64)
+            out[: self.base.n] = np.diff(self.base.csr.indptr)
+            out[self.settled.ids] = np.diff(self.settled.rows.indptr)
+            out[self.recent.ids] = np.diff(self.recent.rows.indptr)
+            self._lengths = out
+        return self._lengths
 
     def with_rows(self, ids: np.ndarray, rows: sp.csr_matrix, n: int) -> RowStore:
         """A store of ``n`` rows where ``ids`` hold ``rows`` (recent rows fold into the settled

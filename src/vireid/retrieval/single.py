@@ -113,18 +113,17 @@ def _sgr_from(dist: np.ndarray, state: GalleryState, method: str) -> np.ndarray:
 
 
 def _mnnr_from(dist: np.ndarray, state: GalleryState, method: str) -> np.ndarray:
-    """SIM Eq. 6–8 (paper) for one query row ``dist``: the query's kq nearest with ``exp(−d)``
-    weights against each gallery item's kg-reciprocal vector, Jaccard ``1 − Σmin/Σmax``,
-    ``α·d + (1 − α)·d_J``."""
+    """SIM Eq. 6–8 (paper) for one query row ``dist``: N = the query's kq nearest gallery items
+    (Eq. 6), ``d_M = 1 − |N ∩ R*(g)| / |N ∪ R*(g)|`` against each gallery item's expanded
+    kg-reciprocal set (Eq. 7, set sizes), ``α·d + (1 − α)·d_M`` (Eq. 8)."""
     p = state.effective.method(method)
     kq, kg, alpha = int(p["kq"]), int(p["kg"]), float(p["alpha"])
-    near = np.sort(top_indices(dist, kq, largest=False))
-    weight = np.exp(-dist[near])
-    left = sp.csr_matrix((weight, near, np.array([0, len(near)])), shape=(1, state.n))
+    near = top_indices(dist, kq, largest=False)
     store = state.stores[f"recip{kg}"]
-    out = np.array(dist, dtype=np.float64)[None]
-    blend_jaccard(out, store.shared_mass(left), alpha, np.array([weight.sum()]), store.sums())
-    return out[0]
+    holders, _, _ = store.column_entries(near)  # g with an item of N in R*(g), once per shared item
+    overlap = np.bincount(holders, minlength=state.n).astype(np.float64)
+    union = len(near) + store.lengths() - overlap
+    return alpha * np.asarray(dist, dtype=np.float64) + (1.0 - alpha) * (1.0 - overlap / union)
 
 
 def sgr_query(sim: np.ndarray, state: GalleryState) -> np.ndarray:
