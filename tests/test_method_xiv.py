@@ -302,6 +302,21 @@ def test_without_x_modality_the_batch_is_2m():
     assert set(model.extract(images, modality)) == {"feat"}
 
 
+@pytest.mark.parametrize("x_modality", [False, True])
+def test_trains_inside_the_trainers_sorted_modality_layout(x_modality: bool):
+    """The trainer promises a visible-then-infrared batch; XIV's shared learner puts every image
+    through one stream, which must not be checked against that promise (it raised before)."""
+    from vireid.models.routing import sorted_modality_layout
+
+    model = _tiny(x_modality=x_modality)
+    images, _, labels = _batch()
+    modality = torch.tensor([0] * 6 + [1] * 6)
+    with sorted_modality_layout((6, 6)):
+        out = model(images, modality)
+    assert out["feat"].shape[0] == (18 if x_modality else 12)
+    assert torch.isfinite(model.compute_loss(out, labels, modality)[0])
+
+
 def test_extract_gives_x_features_of_visible_images_only():
     model = _tiny().eval()
     images, modality, _ = _batch()

@@ -46,6 +46,7 @@ from vireid.models.backbone import TwoStreamBackbone
 from vireid.models.base import ReIDModel
 from vireid.models.heads import BNNeck, l2_normalize, make_pool
 from vireid.models.registry import ModelConfig, register_method
+from vireid.models.routing import sorted_modality_layout
 
 XGenerator = Literal["learned", "channel_mean", "gray", "hsv_v", "ycbcr_y"]
 
@@ -183,7 +184,8 @@ class XIVModel(ReIDModel):
         return group
 
     def _embed(self, images: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        feat = self.pool(self.backbone(images, self.stream_of(group))).float()
+        with sorted_modality_layout(None):  # streams follow the groups, not the batch's sorted modality layout
+            feat = self.pool(self.backbone(images, self.stream_of(group))).float()
         bn_feat, logits = self.neck(feat)
         return feat, bn_feat, logits
 
