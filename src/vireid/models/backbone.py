@@ -178,7 +178,7 @@ class TwoStreamBackbone(nn.Module):
         stages, self.out_channels = backbone_stages(name, last_stride=last_stride, pretrained=pretrained)
         names = list(stages)
         if split not in names[:-1]:
-            raise InputError(f"unknown split stage {split!r} for backbone {name!r}; choose one of "
+            raise InputError(f"model.split: unknown split stage {split!r} for backbone {name!r}; choose one of "
                              f"{', '.join(names[:-1])}")
         cut = names.index(split) + 1
         specific = nn.Sequential(*[stages[s] for s in names[:cut]])
