@@ -161,21 +161,15 @@ def test_engine_collectives_keep_tensors_on_a_cuda_device(monkeypatch: pytest.Mo
 
 
 def realistic_features(distance: float = 0.448, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """8 pooled 2048-d ResNet-50-like features (positive, per-channel mean ~0.5, norm ~28):
-    2 identities x (2 visible + 2 infrared) around nearby centres, so the triplet margin is
-    active; images 0 and 1 (one identity) are ``distance`` apart."""
-    gen = torch.Generator().manual_seed(seed)
+    """The 2048-d ResNet-50-like features of ``benchmarks/amp_loss_precision.py`` (2 identities x
+    (2 visible + 2 infrared), images 0 and 1 ``distance`` apart), with their modality."""
+    import importlib.util
 
-    def unit(*shape: int) -> Tensor:
-        v = torch.randn(*shape, generator=gen)
-        return v / v.norm(dim=-1, keepdim=True)
-
-    base = torch.randn(2048, generator=gen).abs() * 0.6 + 0.05
-    feats = (base + 0.3 * unit(2, 2048)).repeat_interleave(4, dim=0) + 0.25 * unit(8, 2048)
-    feats[1] = feats[0] + distance * unit(2048)
-    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    modality = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
-    return feats, labels, modality
+    spec = importlib.util.spec_from_file_location("amp_loss_precision", REPO / "benchmarks" / "amp_loss_precision.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    feats, labels = bench.features(seed, distance)
+    return feats, labels, torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
 
 
 class FixedFeatures(ReIDModel):
