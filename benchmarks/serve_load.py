@@ -4,8 +4,9 @@ A gallery of G synthetic features (the golden data's model, d = 512) is indexed 
 suite's tiny exported encoder (resnet10 at 32×16), ``vireid serve`` runs in its own process on
 127.0.0.1 with a token, and ``--clients`` threads each send ``--requests`` requests, first searches
 only, then with every ``1/enrol-fraction``-th request of each client an enrolment of a new image
-(``POST /gallery``). Reports errors (any non-2xx answer or a short result list) and p50/p95 of
-each request kind.
+(``POST /gallery``). Reports errors (any non-2xx answer, a short result list, or no answer within
+``--timeout`` seconds) and p50/p95 of each request kind, and what the server logged at warning
+level or above.
 
     python benchmarks/serve_load.py --gallery 20000 --clients 16 --requests 50 --json load.json
 """
@@ -50,7 +51,8 @@ def build(folder: Path, gallery: int, seed: int) -> Path:
     return index
 
 
-def run_phase(url: str, clients: int, requests: int, enrol_every: int | None, phase: int) -> dict[str, object]:
+def run_phase(url: str, clients: int, requests: int, enrol_every: int | None, phase: int,
+              timeout: float = 120.0) -> dict[str, object]:
     import httpx
 
     times: dict[str, list[float]] = {"search": [], "enrol": []}
@@ -58,25 +60,32 @@ def run_phase(url: str, clients: int, requests: int, enrol_every: int | None, ph
     lock = threading.Lock()
 
     def client(c: int) -> None:
-        with httpx.Client(base_url=url, timeout=300, headers={"Authorization": f"Bearer {TOKEN}"}) as session:
+        with httpx.Client(base_url=url, timeout=timeout, headers={"Authorization": f"Bearer {TOKEN}"}) as session:
             for r in range(requests):
                 enrol = enrol_every is not None and (r + c) % enrol_every == 0
                 start = time.perf_counter()
-                if enrol:
-                    image = person_image(100_000 + phase * 10_000 + c * requests + r, 0)
-                    response = session.post("/gallery", files={"images": (f"new_{c}_{r}.jpg", image, "image/jpeg")},
-                                            data={"pid": str(900_000 + c), "cam": "1"})
-                    ok = response.status_code == 201 and len(response.json()["ids"]) == 1
-                else:
-                    image = person_image(1 + (c * requests + r) % 50, 20 + r % 7)
-                    response = session.post("/search", files={"image": ("q.jpg", image, "image/jpeg")},
-                                            data={"modality": "infrared", "topk": "20"})
-                    ok = response.status_code == 200 and len(response.json()["results"]) == 20
+                problem = None
+                try:
+                    if enrol:
+                        image = person_image(100_000 + phase * 10_000 + c * requests + r, 0)
+                        response = session.post("/gallery", data={"pid": str(900_000 + c), "cam": "1"},
+                                                files={"images": (f"new_{c}_{r}.jpg", image, "image/jpeg")})
+                        ok = response.status_code == 201 and len(response.json()["ids"]) == 1
+                    else:
+                        image = person_image(1 + (c * requests + r) % 50, 20 + r % 7)
+                        response = session.post("/search", files={"image": ("q.jpg", image, "image/jpeg")},
+                                                data={"modality": "infrared", "topk": "20"})
+                        ok = response.status_code == 200 and len(response.json()["results"]) == 20
+                    if not ok:
+                        problem = f"{response.status_code}: {response.text[:200]}"
+                except httpx.HTTPError as exc:
+                    problem = f"{'enrol' if enrol else 'search'}: {type(exc).__name__} after {timeout:g} s"
                 elapsed = time.perf_counter() - start
                 with lock:
-                    times["enrol" if enrol else "search"].append(elapsed)
-                    if not ok:
-                        errors.append(f"{response.status_code}: {response.text[:200]}")
+                    if problem is None:
+                        times["enrol" if enrol else "search"].append(elapsed)
+                    else:
+                        errors.append(problem)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     wall = time.perf_counter()
@@ -101,7 +110,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50, help="requests per client and phase")
     parser.add_argument("--enrol-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds a client waits for one answer")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--server-log", type=Path, default=None, help="write the server's stderr here")
     args = parser.parse_args()
     results: dict[str, object] = {"gallery": args.gallery, "clients": args.clients, "requests": args.requests,
                                   "enrol_fraction": args.enrol_fraction, "load_average_start": os.getloadavg()}
@@ -111,9 +122,14 @@ def main() -> None:
         results["build_s"] = time.perf_counter() - start
         with ServerProcess(index, env={"VIREID_SERVE_TOKEN": TOKEN}) as server:
             run_phase(server.url, 2, 5, None, 0)  # warm-up
-            results["searches_only"] = run_phase(server.url, args.clients, args.requests, None, 1)
+            results["searches_only"] = run_phase(server.url, args.clients, args.requests, None, 1, args.timeout)
             every = max(1, round(1 / args.enrol_fraction))
-            results["with_enrolments"] = run_phase(server.url, args.clients, args.requests, every, 2)
+            results["with_enrolments"] = run_phase(server.url, args.clients, args.requests, every, 2, args.timeout)
+            if args.server_log is not None:
+                args.server_log.write_text(server.log_text())
+            logged = [line for line in server.log_text().splitlines()
+                      if line.split(":", 1)[0] in ("WARNING", "ERROR", "CRITICAL") or "Traceback" in line]
+            results["server_problems"] = logged[:20]
     results["load_average_end"] = os.getloadavg()
     for phase in ("searches_only", "with_enrolments"):
         row = results[phase]
@@ -121,6 +137,8 @@ def main() -> None:
         parts = [f"{kind} p50 {row[kind]['p50_ms']:.1f} / p95 {row[kind]['p95_ms']:.1f} ms (n={row[kind]['n']})"
                  for kind in ("search", "enrol") if kind in row]
         print(f"{phase}: {row['errors']} errors, {row['requests_per_s']:.1f} requests/s; " + "; ".join(parts))
+    for line in results["server_problems"]:  # type: ignore[union-attr]
+        print(f"server: {line}")
     print(f"index of {args.gallery:,} items built in {results['build_s']:.1f} s; load average "
           f"{' '.join(f'{x:.1f}' for x in results['load_average_start'])} -> "  # type: ignore[union-attr]
           f"{' '.join(f'{x:.1f}' for x in results['load_average_end'])}")  # type: ignore[union-attr]

@@ -6,6 +6,7 @@ import io
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +124,9 @@ class RunningServer:
 
 class ServerProcess:
     """``vireid serve INDEX`` in its own process on a free loopback port (so that its memory and
-    its temporary files can be measured); ``env`` adds variables (a token, ``TMPDIR``)."""
+    its temporary files can be measured); ``env`` adds variables (a token, ``TMPDIR``). The
+    server's stderr goes to a file (a pipe nobody reads fills up and blocks the server's logging);
+    ``log_text()`` reads it."""
 
     def __init__(self, index: Path, *args: str, env: dict[str, str] | None = None, src: Path | None = None) -> None:
         import os
@@ -137,17 +140,20 @@ class ServerProcess:
                         "--port", str(self.port), *args]
         self.env = {**os.environ, "PYTHONPATH": str(src or Path(__file__).resolve().parents[1] / "src"), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
 
     def __enter__(self) -> "ServerProcess":
+        import tempfile
         import time
 
         import httpx
 
-        self.proc = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL, stderr=self._log)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                raise RuntimeError(f"server exited: {self.log_text()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return self
@@ -164,6 +170,12 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self._log.close()
+
+    def log_text(self) -> str:
+        """What the server wrote to stderr so far."""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
 
     @property
     def pid(self) -> int:

@@ -77,6 +77,33 @@ def test_a_grown_gallery_equals_one_built_at_once(golden, recent_rows: int, monk
                                        err_msg=method)
 
 
+def test_an_older_version_still_ranks_after_a_newer_one_shares_its_layers(golden, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request still holding the previous version runs after the next enrolment's version has
+    ranked (the service does this under concurrent enrolments): both equal their own full build."""
+    from vireid.retrieval import gallery_state
+
+    monkeypatch.setattr(gallery_state, "_RECENT_ROWS", 30)  # rows fold into a settled layer both versions share
+    queries, gallery = golden
+    params = SingleQueryParams.resolve("sysu-multishot")
+    state = GalleryState.build(gallery[:900], params, knn="exact")
+    for step in (13, 13):
+        state, _ = state.extend(gallery, step)
+    older, n_old = state, 926
+    newer, _ = older.extend(gallery, 1)
+    assert newer.stores["aim"].settled is older.stores["aim"].settled
+    full_newer = GalleryState.build(gallery[:n_old + 1], params, knn="exact")
+    for method in SINGLE_QUERY_METHODS:
+        newest = rank_single(method, queries, gallery[:n_old + 1], state=newer)
+        previous = rank_single(method, queries, gallery[:n_old], state=older)
+        np.testing.assert_allclose(previous, rank_single(method, queries, gallery[:n_old],
+                                                         state=GalleryState.build(gallery[:n_old], params, knn="exact")),
+                                   atol=1e-6, err_msg=method)
+        again = rank_single(method, queries, gallery[:n_old + 1], state=newer)  # after the older version ran
+        np.testing.assert_allclose(again, newest, atol=0, err_msg=method)
+        np.testing.assert_allclose(newest, rank_single(method, queries, gallery[:n_old + 1], state=full_newer),
+                                   atol=1e-6, err_msg=method)
+
+
 def test_many_new_items_or_a_small_gallery_recompute_everything(golden) -> None:
     queries, gallery = golden
     params = SingleQueryParams.resolve()

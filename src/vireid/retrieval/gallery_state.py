@@ -309,6 +309,7 @@ class _Layer:
     def __init__(self, ids: np.ndarray, rows: sp.csr_matrix) -> None:
         self.ids, self.rows = ids, rows.tocsr()
         self._columns: sp.csc_matrix | None = None
+        self._padded: tuple[int, sp.csc_matrix] | None = None
         self._sums: np.ndarray | None = None
 
     @classmethod
@@ -328,18 +329,28 @@ class _Layer:
         return _resized(self.rows[np.searchsorted(self.ids, rows)], n)
 
     def columns(self, n: int) -> sp.csc_matrix:
-        """(n × n) CSC whose stored rows are gallery ids (built once; a larger n only pads it)."""
+        """(n × n) CSC whose stored rows are gallery ids (built once; a larger n only pads it).
+
+        A layer is shared by the versions of a gallery that grew after it was made, and each
+        version asks for its own n (concurrently, from request threads): the padded copy is
+        cached as one ``(n, matrix)`` pair, replaced whole, never resized in place."""
         if self._columns is None:
             coo = self.rows.tocoo()
             size = self.rows.shape[1]
-            self._columns = sp.csc_matrix((coo.data, (self.ids[coo.row], coo.col)), shape=(size, size))
-            self._columns.sort_indices()
-        built = self._columns
-        if built.shape[0] != n:
-            indptr = np.concatenate([built.indptr, np.full(n - built.shape[0], built.indptr[-1], built.indptr.dtype)])
-            built = sp.csc_matrix((built.data, built.indices, indptr), shape=(n, n))
+            built = sp.csc_matrix((coo.data, (self.ids[coo.row], coo.col)), shape=(size, size))
+            built.sort_indices()
             self._columns = built
-        return built
+        built = self._columns
+        if built.shape[0] == n:
+            return built
+        if n < built.shape[0]:
+            raise ValueError(f"a layer of {built.shape[0]} columns asked for {n}")
+        padded = self._padded
+        if padded is None or padded[0] != n:
+            indptr = np.concatenate([built.indptr, np.full(n - built.shape[0], built.indptr[-1], built.indptr.dtype)])
+            padded = (n, sp.csc_matrix((built.data, built.indices, indptr), shape=(n, n)))
+            self._padded = padded
+        return padded[1]
 
     def sums(self) -> np.ndarray:
         if self._sums is None:
