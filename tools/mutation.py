@@ -6,7 +6,9 @@ the same tests are mutated in one ``mutmut run`` in a scratch copy of the reposi
 isolation (plain fork deadlocks torch) and ``VIREID_GOLDEN`` pointing at the golden reference data.
 A scratch copy keeps mutmut's results: rerunning the same command resumes where it stopped
 (``--time-limit`` stops a run cleanly after N minutes so long packages can be split into several
-sessions), and ``--report-only`` prints the scores of what has run.
+sessions), and ``--report-only`` prints the scores of what has run. ``--sample F`` tests a seeded
+random fraction F of each group's mutants (all are generated, the sample is drawn from them) and
+gives each score with its Wilson 95 % interval: an unbiased estimate when a full run takes hours.
 
 Score per file and package: detected / total, where detected = killed + timeout (a mutant that makes
 the tests hang is caught). With an equivalence list (``--equivalent``, default
@@ -23,6 +25,7 @@ Examples (heavy: run under the shared CPU lock, 2 workers)::
 
     python tools/mutation.py --packages losses
     python tools/mutation.py --files src/vireid/retrieval/aim.py --time-limit 15
+    python tools/mutation.py --packages retrieval --sample 0.25 --seed 0   # a quarter, with a 95 % interval
     python tools/mutation.py --report-only --json mutation.json
     python tools/mutation.py --show vireid.losses.triplet.x_batch_hard_triplet_loss__mutmut_3
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import re
 import shutil
@@ -63,8 +67,8 @@ MAPPING: dict[str, tuple[str, ...]] = {
     "src/vireid/losses/affinity.py": ("tests/test_method_df2am.py",),
     "src/vireid/losses/center_separation.py": ("tests/test_method_saai.py",),
     "src/vireid/losses/part_diversity.py": ("tests/test_method_saai.py",),
-    "src/vireid/models/methods/__init__.py": ("tests/test_engine_baseline.py",),
-    "src/vireid/models/methods/baseline.py": ("tests/test_engine_baseline.py",),
+    "src/vireid/models/methods/__init__.py": ("tests/test_engine_baseline.py", "tests/test_method_baseline.py"),
+    "src/vireid/models/methods/baseline.py": ("tests/test_engine_baseline.py", "tests/test_method_baseline.py"),
     "src/vireid/models/methods/df2am.py": ("tests/test_method_df2am.py",),
     "src/vireid/models/methods/saai.py": ("tests/test_method_saai.py",),
     "src/vireid/models/methods/ssft.py": ("tests/test_method_ssft.py",),
@@ -202,14 +206,15 @@ def prepare_workdir(workdir: Path, files: Sequence[str], tests: Sequence[str]) -
     pyproject.write_text(text, encoding="utf-8")
 
 
-def run_mutmut(workdir: Path, max_children: int, time_limit_s: float | None, log: Path) -> str:
-    """``mutmut run`` in ``workdir``; stopped with SIGINT (results kept) after ``time_limit_s``."""
+def run_mutmut(workdir: Path, max_children: int, time_limit_s: float | None, log: Path,
+               names: Sequence[str] = ()) -> str:
+    """``mutmut run [NAMES]`` in ``workdir``; stopped with SIGINT (results kept) after ``time_limit_s``."""
     env = dict(os.environ, VIREID_GOLDEN=str((REPO / ".." / "shared" / "golden").resolve())
                if not os.environ.get("VIREID_GOLDEN") else os.environ["VIREID_GOLDEN"],
                PYTHONPATH=str(workdir / "src"), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with log.open("a", encoding="utf-8") as out:
-        proc = subprocess.Popen([str(MUTMUT), "run", "--max-children", str(max_children)], cwd=workdir, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([str(MUTMUT), "run", "--max-children", str(max_children), *names], cwd=workdir,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=time_limit_s)
             return "finished" if proc.returncode == 0 else f"mutmut exited with {proc.returncode} (see {log})"
@@ -221,6 +226,28 @@ def run_mutmut(workdir: Path, max_children: int, time_limit_s: float | None, log
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             return "stopped at the time limit (rerun to continue)"
+
+
+def draw(names: Sequence[str], fraction: float, seed: int) -> set[str]:
+    """The seeded sample of ``fraction`` of ``names`` (the same for the same names and seed)."""
+    import random
+
+    ordered = sorted(names)
+    return set(random.Random(seed).sample(ordered, max(1, round(fraction * len(ordered))))) if ordered else set()
+
+
+def sample_mutants(workdir: Path, fraction: float, seed: int, max_children: int, time_limit_s: float | None,
+                   log: Path) -> tuple[list[str], str]:
+    """A seeded sample of ``fraction`` of the group's mutants (generated first, nothing run), less
+    those already tested; a rerun with the same seed draws the same sample and resumes it."""
+    if not mutmut_results(workdir):  # generate the mutants and the test statistics, run no mutant
+        run_mutmut(workdir, max_children, time_limit_s, log, names=["vireid-generate-only"])
+    statuses = mutmut_results(workdir)
+    if not statuses:
+        return [], f"no mutants generated (see {log})"
+    chosen = draw(list(statuses), fraction, seed)
+    todo = sorted(name for name in chosen if statuses[name] in NOT_RUN)
+    return todo, f"sample of {len(chosen)} of {len(statuses)} mutants, {len(todo)} still to run"
 
 
 def mutmut_results(workdir: Path) -> dict[str, str]:
@@ -284,8 +311,20 @@ class Score:
         self.detected += status in DETECTED
         self.equivalent += equivalent and status not in DETECTED
 
-    def text(self, with_equivalent: bool) -> str:
+    def interval(self) -> tuple[float, float]:
+        """Wilson 95 % interval of the detected share (what a sample says about all mutants)."""
+        n, z = self.total, 1.96
+        if not n:
+            return 0.0, 1.0
+        p = self.detected / n
+        centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+    def text(self, with_equivalent: bool, sampled: bool = False) -> str:
         pct = f"{100 * self.detected / self.total:.1f} %" if self.total else "—"
+        if sampled and self.total:
+            low, high = self.interval()
+            pct += f", 95 % interval {100 * low:.1f}–{100 * high:.1f} %"
         line = f"{self.detected}/{self.total} detected ({pct})"
         if with_equivalent:
             relevant = self.total - self.equivalent
@@ -296,7 +335,7 @@ class Score:
 
 
 def report(statuses: dict[str, str], files: Sequence[str], equivalent: dict[str, str],
-           notes: Sequence[str]) -> dict[str, object]:
+           notes: Sequence[str], sampled: bool = False) -> dict[str, object]:
     """Print the scores per package and per file and the undetected mutants; return them as a dict."""
     with_eq = bool(equivalent)
     per_file = {rel: Score() for rel in files}
@@ -319,11 +358,11 @@ def report(statuses: dict[str, str], files: Sequence[str], equivalent: dict[str,
                 for _ in range(count):
                     total.add(status, False)
             total.equivalent += per_file[rel].equivalent
-        print(f"\n== {package} ({folder}): {total.text(with_eq)}")
+        print(f"\n== {package} ({folder}): {total.text(with_eq, sampled)}")
         payload["packages"][package] = total.__dict__  # type: ignore[index]
         for rel in members:
             tests = " ".join(Path(t).name for t in MAPPING[rel])
-            shown = per_file[rel].text(with_eq) if per_file[rel].total else "no results (no mutants, or not run)"
+            shown = per_file[rel].text(with_eq, sampled) if per_file[rel].total else "no results (no mutants, or not run)"
             print(f"  {rel}: {shown}   [tests: {tests}]")
             payload["files"][rel] = {**per_file[rel].__dict__, "tests": list(MAPPING[rel]),  # type: ignore[index]
                                      "undetected": [{"mutant": n, "status": s, "equivalent": equivalent.get(n)}
@@ -373,11 +412,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, metavar="MIN",
                         help="stop after MIN minutes in all (results so far are kept; rerun to continue)")
     parser.add_argument("--fresh", action="store_true", help="delete earlier results of the selected groups first")
+    parser.add_argument("--sample", type=float, default=1.0, metavar="FRACTION",
+                        help="run a seeded random sample of this fraction of each group's mutants (default 1: all); "
+                             "scores then come with a 95 %% interval")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample (the same seed resumes the same sample)")
     parser.add_argument("--report-only", action="store_true", help="run nothing; report the results in --workdir")
     parser.add_argument("--json", type=Path, help="also write the scores and undetected mutants as JSON")
     parser.add_argument("--list", action="store_true", help="print the file -> tests mapping and the groups, then exit")
     parser.add_argument("--show", metavar="MUTANT", help="print one mutant's diff (from its group's workdir) and exit")
     args = parser.parse_args(argv)
+    if not 0.0 < args.sample <= 1.0:
+        parser.error(f"--sample must be in (0, 1], got {args.sample}")
 
     selected = select_files(args.packages, args.files)
     groups = groups_for(selected)
@@ -414,10 +459,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prepare_workdir(workdir, members, tests)
                 start = time.monotonic()
                 print(f"[{group}] mutmut run over {', '.join(members)} with {', '.join(tests)} ...", flush=True)
-                state = run_mutmut(workdir, args.max_children, left, args.workdir / f"{group}.log")
+                log = args.workdir / f"{group}.log"
+                if args.sample < 1.0:
+                    names, what = sample_mutants(workdir, args.sample, args.seed, args.max_children, left, log)
+                    print(f"[{group}] {what}", flush=True)
+                    left = None if deadline is None else deadline - time.monotonic()
+                    state = run_mutmut(workdir, args.max_children, left, log, names) if names else "nothing to run"
+                else:
+                    state = run_mutmut(workdir, args.max_children, left, log)
                 print(f"[{group}] {state} in {time.monotonic() - start:.0f} s", flush=True)
         statuses.update(mutmut_results(workdir))
-    payload = report(statuses, files, equivalent, notes)
+    if args.sample < 1.0:  # score the sample alone: earlier full-run results of these groups are left out
+        drawn = set().union(*(draw(list(mutmut_results(args.workdir / group)), args.sample, args.seed)
+                              for group in groups))
+        statuses = {name: status for name, status in statuses.items() if name in drawn}
+        print(f"\nScores of a {args.sample:g} sample (seed {args.seed}) of the mutants:")
+    payload = report(statuses, files, equivalent, notes, sampled=args.sample < 1.0)
     if args.json:
         args.json.write_text(json.dumps(payload, indent=1), encoding="utf-8")
     return 0
