@@ -399,6 +399,23 @@ def test_center_separation_single_identity_is_compactness_only():
     assert torch.isfinite(feats.grad).all()
 
 
+def test_center_separation_eps_floors_every_distance_centre_gaps_included():
+    # eps floors every squared distance at eps (distance sqrt(eps) = 0.2 here), the centre gaps of
+    # both separation forms as well as the sample-to-centre distances. 2-D features:
+    # identity 0 at (1, 0), (-1, 0), (0, 0), identity 1 at (0, 1), (0, -1): both centres are (0, 0).
+    feats = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    # compact: distances 1, 1, max(0, 0.2) = 0.2, 1, 1 -> hinges (rho1 0.1) 0.9, 0.9, 0.1, 0.9, 0.9 -> 3.7 / 5
+    # separation: ||c_0 - c_1|| = 0 floored at 0.2 -> [0.7 - 0.2]_+ = 0.5 (every anchor, every negative)
+    expected = 3.7 / 5 + 0.5
+    for anchors in ("identities", "batch_stride"):
+        got = center_separation_loss(feats, labels, 0.1, 0.7, anchors=anchors, stride=3, eps=0.04)
+        assert got.item() == pytest.approx(expected, abs=1e-6), anchors
+        # the default eps 1e-12 floors at 1e-6: the coincident centres then cost nearly rho2
+        tiny = center_separation_loss(feats, labels, 0.1, 0.7, anchors=anchors, stride=3)
+        assert tiny.item() == pytest.approx(3.6 / 5 + 0.7, abs=1e-5), anchors
+
+
 def test_center_separation_rejects_bad_options():
     feats, labels = torch.zeros(4, 2), torch.tensor([0, 0, 1, 1])
     with pytest.raises(ValueError, match=r"^stride must be >= 1, got 0$"):

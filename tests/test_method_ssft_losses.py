@@ -90,6 +90,13 @@ def test_modality_cross_entropy_terms_match_loops(smoothing):
     assert got.tolist() == pytest.approx(expected, rel=1e-5)
 
 
+def test_modality_cross_entropy_terms_default_is_plain_cross_entropy():
+    # visible: p = (3/4, 1/4) with label 0, p = (1/2, 1/2) with label 1; infrared: p = (1/4, 3/4) with label 0
+    logits = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0], [0.0, math.log(3.0)]])
+    got = modality_cross_entropy_terms(logits, torch.tensor([0, 1, 0]), torch.tensor([0, 0, 1]))
+    assert got.tolist() == pytest.approx([(-math.log(0.75) + math.log(2.0)) / 2, math.log(4.0)], rel=1e-6)
+
+
 def test_modality_cross_entropy_terms_of_a_missing_modality_are_zero():
     logits = torch.randn(3, 4, generator=seeded(33), requires_grad=True)
     got = modality_cross_entropy_terms(logits, torch.tensor([0, 1, 2]), torch.tensor([1, 1, 1]))
