@@ -65,6 +65,99 @@ def test_search_ranks_the_same_person_first(client: httpx.Client, rerank: str) -
     assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).format == "JPEG"
 
 
+@pytest.mark.parametrize("rerank", ["plain", "aim", "sgr", "sim", "mnnr", "krr"])
+def test_every_method_serves_a_non_negative_distance_smaller_is_closer(client: httpx.Client, index_dir: Path,
+                                                                       rerank: str) -> None:
+    """One convention for every re-ranking: distance >= 0, non-decreasing along the list; plain is
+    ``1 − cos`` and AIM ``2 + (−affinity − cos)`` (SAAI Eq. 10), the other methods as computed."""
+    from vireid.retrieval.single import query_distance
+    from vireid.serve.encoder import decode_image, encode_images, load_encoder
+    from vireid.serve.index import GalleryIndex
+    from vireid.data.records import Modality
+
+    data = person_image(3, 17)
+    body = _query(client, data, modality="visible", topk="8", rerank=rerank).json()
+    distances = [r["distance"] for r in body["results"]]
+    assert distances == sorted(distances) and min(distances) >= -1e-6
+    index = GalleryIndex.open(index_dir, first_stage="scan")
+    encoder = load_encoder(index.model_file)
+    query = encode_images(encoder, [decode_image(data, "q.jpg")], Modality.VISIBLE)[0].astype(np.float64)
+    cosine = index.feats.astype(np.float64) @ (query / np.linalg.norm(query))
+    ids = [r["id"] for r in body["results"]]
+    if rerank == "plain":
+        expected = 1.0 - cosine[ids]
+    else:
+        expected = query_distance(rerank, cosine, index.state)[ids] + (2.0 if rerank == "aim" else 0.0)
+    np.testing.assert_allclose(distances, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("rerank", ["aim", "sim"])
+def test_cli_search_json_is_the_http_json(client: httpx.Client, index_dir: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str], rerank: str) -> None:
+    import json
+
+    from vireid.cli import main
+
+    query = tmp_path / "query.jpg"
+    query.write_bytes(person_image(6, 21))
+    http = _query(client, query.read_bytes(), modality="infrared", topk="5", rerank=rerank).json()
+    capsys.readouterr()
+    assert main(["search", str(index_dir), "--image", str(query), "--modality", "infrared", "--rerank", rerank,
+                 "--topk", "5", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert list(cli) == list(http) and list(cli["timing_ms"]) == list(http["timing_ms"])
+    assert [list(r) for r in cli["results"]] == [list(r) for r in http["results"]]
+    for key in ("version", "count", "modality", "rerank"):
+        assert cli[key] == http[key]
+    for a, b in zip(cli["results"], http["results"], strict=True):
+        assert a["distance"] == pytest.approx(b["distance"], abs=1e-5)
+        assert {k: v for k, v in a.items() if k != "distance"} == {k: v for k, v in b.items() if k != "distance"}
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("0002_c1s1_000451_03.jpg", (2, 1)),          # Market-1501
+    ("0005_c2_f0046985.jpg", (5, 2)),             # DukeMTMC-reID
+    ("bounding_box_test/1501_c6s4_001877_01.jpg", (1501, 6)),
+    ("0000_c3s2_000001_00.jpg", (None, 3)),       # Market distractor: no person
+    ("-1_c5s3_065462_04.jpg", (None, 5)),         # Market junk: no person
+    ("cam3/0001/0004.jpg", (1, 3)),               # SYSU-MM01
+    ("sysu/cam6/0333/0010.jpg", (333, 6)),
+    ("cam3/0001/0001_c3s1_000001_00.jpg", (1, 3)),  # both layouts, agreeing
+    ("cam3/0001/0002_c3s1_000001_00.jpg", (None, None)),  # both layouts, disagreeing: unknown
+    ("cam3/0004.jpg", (None, None)),              # no person folder
+    ("0001/cam3/0004.jpg", (None, None)),
+    ("person_0001_c1.jpg", (None, None)),
+    ("12_c1s1_000001_00.jpg", (None, None)),      # not four digits
+    ("0001_cam1_0001.jpg", (None, None)),
+    ("IMG_0001.jpg", (None, None)),
+])
+def test_identity_and_camera_from_common_layouts(path: str, expected: tuple[int | None, int | None]) -> None:
+    from pathlib import PurePosixPath
+
+    from vireid.serve.sources import identity_from_path
+
+    assert identity_from_path(PurePosixPath(path)) == expected
+
+
+def test_a_folder_gallery_takes_ids_from_its_layout(tmp_path: Path) -> None:
+    from vireid.data.records import Modality
+    from vireid.serve.sources import gallery_sources
+
+    files = {"market/0007_c2s1_000101_01.jpg": (7, 2), "sysu/cam5/0012/0003.jpg": (12, 5),
+             "phone/IMG_2041.jpg": (None, None)}
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(person_image(1, 1))
+    got = {item.name: (item.pid, item.cam) for _, item in gallery_sources(tmp_path, Modality.VISIBLE)}
+    assert got == files
+    (single,) = gallery_sources(tmp_path / "market/0007_c2s1_000101_01.jpg", Modality.VISIBLE)
+    assert (single[1].pid, single[1].cam) == (7, 2)
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path\nmarket/0007_c2s1_000101_01.jpg\n")
+    (row,) = gallery_sources(manifest, Modality.VISIBLE)
+    assert (row[1].pid, row[1].cam) == (None, None)  # a manifest's empty columns stay unknown
+
+
 def test_bad_input_gets_4xx_with_a_message(client: httpx.Client) -> None:
     good = person_image(1, 1)
     icon = io.BytesIO()

@@ -16,19 +16,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rerank", default="aim", choices=("plain", "aim", "sgr", "mnnr", "sim", "krr"),
                         help="re-ranking (parameters: those the index was built with, `vireid index info`)")
     parser.add_argument("--topk", type=int, default=20, help="results to print")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print the results as the JSON of `POST /search` (same keys and meaning)")
     parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime CPU threads")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from dataclasses import asdict
+    import time
 
     import torch
 
     from vireid.data.records import Modality
     from vireid.errors import InputError
+    from vireid.serve.app import search_response
     from vireid.serve.encoder import encode_images, load_encoder, read_image_file
     from vireid.serve.index import GalleryIndex
 
@@ -42,11 +44,14 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.index}: index has no stored model to encode the query with")
     encoder = load_encoder(index.model_file, threads=args.threads)
     image, _ = read_image_file(args.image)
+    t0 = time.perf_counter()
     query = encode_images(encoder, [image], modality)[0]
+    t1 = time.perf_counter()
     hits = index.search(query, args.rerank, args.topk)
+    t2 = time.perf_counter()
     if args.json:
-        print(json.dumps([{"rank": r + 1, "id": h.index, "distance": h.distance, **asdict(h.item)}
-                          for r, h in enumerate(hits)], indent=2))
+        print(json.dumps(search_response(index, hits, modality, args.rerank, encode_s=t1 - t0, search_s=t2 - t1),
+                         indent=2))
         return 0
     print(f"{'rank':>4} {'id':>7} {'distance':>10} {'pid':>5} {'cam':>4}  name")
     for rank, hit in enumerate(hits, 1):

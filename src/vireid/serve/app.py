@@ -65,6 +65,7 @@ from vireid.serve.index import (
     GalleryItem,
     IndexDamaged,
     NewImage,
+    SearchHit,
     add_to_index,
     compact,
     current_version,
@@ -520,9 +521,17 @@ def _search(service: Service, data: bytes, name: str, modality: Modality, topk: 
     t1 = time.perf_counter()
     hits = index.search(query, rerank, topk)
     t2 = time.perf_counter()
+    return search_response(index, hits, modality, rerank, encode_s=t1 - t0, search_s=t2 - t1)
+
+
+def search_response(index: GalleryIndex, hits: list[SearchHit], modality: Modality, rerank: str, *,
+                    encode_s: float, search_s: float) -> dict[str, Any]:
+    """The JSON of one search (``POST /search`` and ``vireid search --json``): ``results`` in rank
+    order, each with its served ``distance`` (>= 0, smaller = closer; see
+    :data:`~vireid.serve.index.SERVED_DISTANCE_OFFSET`) and the item's metadata."""
     return {
         "version": index.version, "count": index.count, "modality": modality.label, "rerank": rerank,
-        "timing_ms": {"encode": round(1000 * (t1 - t0), 2), "search": round(1000 * (t2 - t1), 2)},
+        "timing_ms": {"encode": round(1000 * encode_s, 2), "search": round(1000 * search_s, 2)},
         "results": [{"rank": r + 1, "distance": hit.distance, **_item_json(hit.index, hit.item)}
                     for r, hit in enumerate(hits)],
     }

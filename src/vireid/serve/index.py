@@ -116,8 +116,19 @@ class NewImage:
             self.sha256 = hashlib.sha256(self.data).hexdigest()
 
 
+#: What :meth:`GalleryIndex.search` adds to a method's re-ranked distance so that every method's
+#: served distance is >= 0 (smaller = closer): ``plain`` ``−cos`` → ``1 − cos`` ∈ [0, 2]; ``aim``
+#: (SAAI Eq. 10) ``−Q′·G′ᵀ − cos`` → ``2 − Q′·G′ᵀ − cos`` ∈ [0, 4] (unit rows: both terms lie in
+#: [−1, 1]). The other methods' distances are >= 0 already. One constant per method: the ranking
+#: is unchanged.
+SERVED_DISTANCE_OFFSET = {"plain": 1.0, "aim": 2.0}
+
+
 @dataclass
 class SearchHit:
+    """One ranked gallery item; ``distance`` is the method's distance shifted by
+    :data:`SERVED_DISTANCE_OFFSET` (>= 0, smaller = closer, comparable within one method only)."""
+
     index: int
     distance: float
     item: GalleryItem
@@ -465,13 +476,15 @@ class GalleryIndex:
         return out
 
     def search(self, query: np.ndarray, method: str = "aim", topk: int = 20) -> list[SearchHit]:
-        """The ``topk`` gallery items closest to one query feature under ``method``."""
+        """The ``topk`` gallery items closest to one query feature under ``method``, with their
+        served distances (:data:`SERVED_DISTANCE_OFFSET`)."""
         query = np.asarray(query)
         if query.shape != (self.dim,):
             raise InputError(f"query feature has shape {query.shape}, the index holds d={self.dim}")
         if topk < 1:
             raise InputError(f"topk must be >= 1, got {topk}")
         unit = l2_normalize_rows(query[None])[0]
+        offset = SERVED_DISTANCE_OFFSET.get(method, 0.0)
         if self._stage is not None and method in ("plain", "aim"):
             cand_index, cand_sim = self.first_stage_candidates(unit, topk)
             if method == "plain":
@@ -479,10 +492,10 @@ class GalleryIndex:
             else:
                 rows, dist = aim_from_candidates(unit, self.feats, self.state, cand_index, cand_sim, keep=topk)
             best = top_k(dist, min(topk, len(rows)))
-            return [SearchHit(int(rows[i]), float(dist[i]), item) for i, item in zip(best, self.items(rows[best]))]
+            return [SearchHit(int(rows[i]), float(dist[i]) + offset, item) for i, item in zip(best, self.items(rows[best]))]
         dist = query_distance(method, self.similarity(unit), self.state)
         best = top_k(dist, min(topk, self.count))
-        return [SearchHit(int(i), float(dist[i]), item) for i, item in zip(best, self.items(best))]
+        return [SearchHit(int(i), float(dist[i]) + offset, item) for i, item in zip(best, self.items(best))]
 
     def similarity(self, unit: np.ndarray) -> np.ndarray:
         """Cosine similarities ``g·q`` (float64) to every item — the O(G·d) pass, run by torch

@@ -4,19 +4,29 @@ Manifest columns (header row, any order): ``path`` (required; relative paths are
 against the manifest's folder) and optionally ``person_id``, ``camera``, ``time``, ``modality``
 — the column names of :mod:`vireid.data.datasets.manifest`. Empty cells mean "unknown". A folder
 is read without its hidden files and folders (``._x.jpg`` resource forks, ``.thumbs/``).
+
+Images read from a folder (or given one by one) take their person id and camera from the two
+common dataset layouts when these are unambiguous (:func:`identity_from_path`); otherwise both
+stay unknown. A manifest's columns are taken as written.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
-from pathlib import Path
+import re
+from pathlib import Path, PurePath
 
 from vireid.data.records import Modality
 from vireid.errors import InputError
 from vireid.serve.index import GalleryItem, check_int64
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+#: Market-1501 / DukeMTMC-reID file names: ``0002_c1s1_000451_03.jpg``, ``0005_c2_f0046985.jpg``.
+_MARKET_NAME = re.compile(r"^(-1|\d{4})_c(\d+)(?:s\d+)?_")
+#: SYSU-MM01 (and LLCM test) folders: ``cam3/0001/0004.jpg``.
+_CAMERA_FOLDER = re.compile(r"^cam(\d+)$")
+_PERSON_FOLDER = re.compile(r"^\d{4}$")
 
 
 def gallery_sources(path: str | Path, modality: Modality) -> list[tuple[Path, GalleryItem]]:
@@ -27,15 +37,40 @@ def gallery_sources(path: str | Path, modality: Modality) -> list[tuple[Path, Ga
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-        return [(f, _item(f, str(f.relative_to(path)), modality, None, None, None)) for f in files]
+        return [(f, _item(f, str(f.relative_to(path)), modality, *identity_from_path(f.relative_to(path)), None))
+                for f in files]
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        return [(path, _item(path, path.name, modality, None, None, None))]
+        return [(path, _item(path, path.name, modality, *identity_from_path(PurePath(path.name)), None))]
     if path.is_file():
         try:
             return _from_manifest(path, modality)
         except UnicodeDecodeError:
             raise InputError(f"{path}: neither an image ({', '.join(IMAGE_SUFFIXES)}) nor a UTF-8 CSV manifest") from None
     raise InputError(f"{path}: no such folder or manifest")
+
+
+def identity_from_path(relative: PurePath) -> tuple[int | None, int | None]:
+    """(person id, camera) of an image from its path below the gallery folder, None where unknown.
+
+    * Market-1501 / DukeMTMC-reID names ``PPPP_cC…`` (``0002_c1s1_000451_03.jpg`` → 2, 1); Market's
+      ``0000`` (distractors) and ``-1`` (junk) are no person: the camera is kept, the id left unknown;
+    * SYSU-MM01 folders ``camC/PPPP/file`` (``cam3/0001/0004.jpg`` → 1, 3).
+
+    When both layouts apply and disagree, both values stay unknown; nothing else is guessed.
+    """
+    found: list[tuple[int | None, int]] = []
+    name = _MARKET_NAME.match(relative.name)
+    if name is not None:
+        pid = int(name.group(1))
+        found.append((pid if pid > 0 else None, int(name.group(2))))
+    parents = relative.parts[:-1]
+    if len(parents) >= 2 and _PERSON_FOLDER.match(parents[-1]):
+        camera = _CAMERA_FOLDER.match(parents[-2])
+        if camera is not None:
+            found.append((int(parents[-1]) or None, int(camera.group(1))))
+    if not found or any(f != found[0] for f in found[1:]):
+        return None, None
+    return found[0]
 
 
 def _item(file: Path, name: str, modality: Modality, pid: int | None, cam: int | None, when: str | None) -> GalleryItem:

@@ -8,6 +8,7 @@ const preview = document.getElementById("query-preview");
 const dropText = document.getElementById("drop-text");
 const button = document.getElementById("search-button");
 const statusLine = document.getElementById("status");
+const distanceNote = document.getElementById("distance-note");
 const results = document.getElementById("results");
 const indexInfo = document.getElementById("index-info");
 const tokenField = document.getElementById("token-field");
@@ -54,8 +55,32 @@ function text(tag, className, value) {
   return node;
 }
 
+// What the distance of each re-ranking means (the API's "distance": >= 0, smaller = closer).
+const DISTANCE_MEANING = {
+  plain: "1 − cosine similarity (0 to 2)",
+  aim: "2 − affinity − cosine similarity (AIM; 0 to 4)",
+  sgr: "mean length of the shortest graph paths from the query (SGR)",
+  mnnr: "α · Euclidean distance + (1 − α) · Jaccard distance of the neighbourhoods (MNNR)",
+  sim: "α · SGR distance + (1 − α) · Jaccard distance of the neighbourhoods (SIM)",
+  krr: "(1 − λ) · Jaccard distance + λ · Euclidean distance (k-reciprocal)",
+};
+
+// A file name that may wrap after "_", "-", "." and "/" (a <wbr> after each), never inside a word
+// unless a single word is wider than the card; the full name is the tooltip.
+function fileName(name) {
+  const node = document.createElement("span");
+  node.className = "name";
+  node.title = name;
+  for (const part of name.split(/(?<=[_\-./])/)) {
+    if (node.childNodes.length) node.appendChild(document.createElement("wbr"));
+    node.appendChild(document.createTextNode(part));
+  }
+  return node;
+}
+
 function showResults(body) {
   results.replaceChildren();
+  const meaning = DISTANCE_MEANING[body.rerank] || "";
   for (const hit of body.results) {
     const card = document.createElement("li");
     card.className = "hit";
@@ -67,16 +92,20 @@ function showResults(body) {
       card.appendChild(img);
     }
     card.appendChild(text("span", "rank", "#" + hit.rank));
-    card.appendChild(text("span", "distance", "d = " + hit.distance.toFixed(4)));
-    card.appendChild(text("span", "name", hit.name));
+    const distance = text("span", "distance", "distance " + hit.distance.toFixed(4));
+    distance.title = "smaller = closer; " + body.rerank + ": " + meaning;
+    card.appendChild(distance);
     const facts = [];
-    if (hit.pid !== null) facts.push("id " + hit.pid);
-    if (hit.cam !== null) facts.push("cam " + hit.cam);
+    if (hit.pid != null) facts.push("person " + hit.pid);
+    if (hit.cam != null) facts.push("camera " + hit.cam);
     if (facts.length) card.appendChild(text("span", "facts", facts.join(" · ")));
+    card.appendChild(fileName(hit.name));
     results.appendChild(card);
   }
   statusLine.textContent = body.results.length + " results from " + body.count + " gallery images (" +
     body.rerank + ", encode " + body.timing_ms.encode + " ms, search " + body.timing_ms.search + " ms)";
+  distanceNote.textContent = "Distance: smaller = closer; comparable within one re-ranking only. " +
+    body.rerank + ": " + meaning + ".";
 }
 
 form.addEventListener("submit", async (event) => {
@@ -94,6 +123,7 @@ form.addEventListener("submit", async (event) => {
     const body = await response.json();
     if (!response.ok) {
       results.replaceChildren();
+      distanceNote.textContent = "";
       statusLine.textContent = "Error " + response.status + ": " + body.detail;
     } else {
       showResults(body);
@@ -120,5 +150,5 @@ fetch("/health").then(async (response) => {
   const h = await response.json();
   readsNeedToken = Boolean(h.auth && h.auth.reads);
   tokenField.hidden = !readsNeedToken;
-  indexInfo.textContent = h.count + " gallery images · index " + h.version + " · d = " + h.dim;
+  indexInfo.textContent = h.count + " gallery images · index " + h.version + " · " + h.dim + "-dimensional features";
 }).catch((error) => showIndexError(String(error)));
