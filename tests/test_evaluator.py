@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -17,14 +16,11 @@ from vireid.evaluation.evaluator import (
 )
 from vireid.evaluation.metrics import evaluate_distance, get_protocol
 from vireid.evaluation.report import (
-    RankList,
-    cmc_svg,
     evaluation_to_dict,
     feature_rank_lists,
     format_table,
     select_queries,
     top_rank_lists,
-    write_html_report,
     write_result_json,
 )
 from vireid.features import FeatureSet
@@ -157,54 +153,34 @@ def test_table_prints_percent_and_json_holds_fractions(tmp_path) -> None:
     assert not list(tmp_path.glob(".*tmp"))
 
 
-def test_cmc_svg_draws_one_curve_per_method() -> None:
-    svg = cmc_svg({"plain": np.linspace(0.3, 0.9, 20), "aim": np.linspace(0.5, 1.0, 20)})
-    assert svg.startswith("<svg") and svg.count("<polyline") == 2 and ">aim</text>" in svg
-    with pytest.raises(InputError):
-        cmc_svg({})
-
-
 def test_top_rank_lists_apply_the_protocol_removal() -> None:
     dist = np.array([[0.1, 0.2, 0.3, 0.4]])
     g_id, g_cam = np.array([5, 6, 5, 7]), np.array([2, 1, 1, 4])
-    (lst,) = top_rank_lists(dist, ["q.jpg"], ["a", "b", "c", "d"], np.array([5]), g_id, np.array([3]), g_cam,
-                            get_protocol("sysu"), [0], top=2)
+    (lst,) = top_rank_lists(dist, np.array([5]), g_id, np.array([3]), g_cam, get_protocol("sysu"), [0],
+                            query_paths=["q.jpg"], gallery_paths=["a", "b", "c", "d"], top=2)
     assert lst.gallery_paths == ["b", "c"] and lst.matches == [False, True]
+    assert lst.gallery_ids == [6, 5] and lst.gallery_cams == [1, 1] and lst.distances == [0.2, 0.3]
+    assert (lst.query_row, lst.query_id, lst.query_cam, lst.query_path) == (0, 5, 3, "q.jpg")
     picked = select_queries(100, 5, seed=1)
     assert len(set(picked.tolist())) == 5 and np.array_equal(picked, select_queries(100, 5, seed=1))
 
 
-def test_html_report_embeds_thumbnails_framed_by_match(tmp_path) -> None:
-    from PIL import Image
-
-    paths = []
-    for i, colour in enumerate(["red", "green", "blue"]):
-        path = tmp_path / f"{i}.png"
-        Image.new("RGB", (48, 96), colour).save(path)
-        paths.append(str(path))
-    evaluation = evaluate_features(_feature_set(), "sysu")
-    lists = {"plain": [RankList(paths[0], 3, paths[1:], [3, 4], [0.1, 0.2])]}
-    out = write_html_report(tmp_path / "report.html", "demo", [("plain", evaluation.mean)], rank_lists=lists,
-                            notes=["synthetic data"])
-    page = out.read_text()
-    assert page.count("data:image/jpeg;base64,") == 3
-    assert re.search(r'class="match"><img', page) and re.search(r'class="miss"><img', page)
-    assert "<svg" in page and "synthetic data" in page and f"{100 * evaluation.mean.mAP:.2f}" in page
-    with pytest.raises(InputError, match="missing.png"):
-        write_html_report(tmp_path / "bad.html", "demo", [("plain", evaluation.mean)],
-                          rank_lists={"plain": [RankList(str(tmp_path / "missing.png"), 1, [], [], [])]})
-
-
-def test_feature_rank_lists_need_image_paths() -> None:
+def test_feature_rank_lists_with_and_without_image_paths() -> None:
     fs = _feature_set().trial(0)
     dist = plain_distance(fs.query_feat, fs.gallery_feat)
-    with pytest.raises(InputError, match="query_path / gallery_path"):
-        feature_rank_lists(fs, dist, get_protocol("sysu"))
+    bare = feature_rank_lists(fs, dist, get_protocol("sysu"), count=4, seed=2)
+    assert all(lst.query_path is None and lst.gallery_paths == [None] * 10 for lst in bare)
     fs.extras["query_path"] = np.array([f"q{i}.jpg" for i in range(len(fs.query_id))])
     fs.extras["gallery_path"] = np.array([f"g{i}.jpg" for i in range(len(fs.gallery_id))])
-    lists = feature_rank_lists(fs, dist, get_protocol("sysu"), count=4, seed=2, top=10)
+    lists = feature_rank_lists(fs, dist, get_protocol("sysu"), count=4, seed=2, top=10, image_root="/data")
     assert len(lists) == 4 and all(len(lst.gallery_paths) == 10 for lst in lists)
     assert all(lst.distances == sorted(lst.distances) for lst in lists)
+    assert [lst.gallery_ids for lst in lists] == [lst.gallery_ids for lst in bare]
+    first = lists[0]
+    assert first.query_path == f"/data/q{first.query_row}.jpg"
+    assert first.gallery_paths[0].startswith("/data/g")
+    with pytest.raises(InputError, match=r"expected \(Q, G\)"):
+        feature_rank_lists(fs, dist[:, :-1], get_protocol("sysu"))
 
 
 def test_overlapping_trials_share_one_plain_distance() -> None:

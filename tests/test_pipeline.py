@@ -136,5 +136,5 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     trained, untrained = results["methods"]["plain"]["cmc"][0], results["untrained"]["cmc"][0]
     assert trained > untrained + 0.05, (trained, untrained)
     html = (out / "report.html").read_text()
-    assert "<svg" in html and "data:image/jpeg;base64," in html
+    assert 'id="cmc-figure"' in html and "data:image/jpeg;base64," in html
     assert "plain" in proc.stdout and "mAP" in proc.stdout

@@ -15,7 +15,12 @@ from vireid.cli.options import parse_key_values
 if TYPE_CHECKING:
     import numpy as np
 
+    from vireid.evaluation.evaluator import ProtocolEvaluation
+    from vireid.evaluation.report import TrialDistance
     from vireid.features import FeatureSet
+
+    Reported = tuple[str, ProtocolEvaluation, TrialDistance]
+    """A method in the HTML report: name, evaluation, distance of one trial."""
 
 PROTOCOL_CHOICES = ("sysu", "regdb", "llcm", "market")
 
@@ -37,7 +42,15 @@ val_query_feat, ...; written by `vireid extract` when the training run held iden
 aim k1 2,4,8,20,30 x k2 1,2,6; sgr lam 0.01,0.1,0.3 x K 1,3,5,9; mnnr kq 4,8,12 x kg 5,10,20 x
 alpha 0.3,0.6,0.9; sim lam 0.01,0.1 x K 1,3,9 x kq 4,12 x kg 5,20 x alpha 0.3,0.6,0.9; krr k1 5,10,20
 x k2 1,3,6 x lam 0.1,0.3,0.6 (other parameters keep the preset or default; --param values are never
-searched)."""
+searched).
+
+--html writes one self-contained page (no network needed to view it): the CMC curves of every
+evaluated method (zoomable; hover for rank and value) beside the table of rank-1/5/10/20, mAP and
+mINP, and rank lists: for 6 queries of the first trial (drawn with seed 0), one row per method with
+its top 10 gallery images, each tile framed green (the query's identity) or red and labelled with
+identity, camera and distance. With --rerank the plain distance is added for comparison when the
+list does not name it. Thumbnails come from the file's query_path / gallery_path (written by
+`vireid extract`); tiles of absent or unreadable images show no thumbnail."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,6 +83,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="precision of the computed distance (plain or re-ranked)")
     parser.add_argument("--max-rank", type=int, default=20, help="longest CMC rank reported")
+    parser.add_argument("--html", metavar="OUT.html", help="also write an HTML report: CMC curves and metric "
+                        "table of every evaluated method, rank lists of 6 seeded queries with thumbnails "
+                        "(see above; not with --ranked)")
+    parser.add_argument("--image-root", metavar="DIR", help="with --html: the folder the file's relative image "
+                        "paths are under (default: the dataset folder recorded by `vireid extract`, else the "
+                        "current folder)")
     parser.set_defaults(func=run)
 
 
@@ -77,12 +96,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from vireid.errors import InputError
-    from vireid.evaluation.evaluator import (
-        evaluate_features,
-        evaluate_precomputed,
-        evaluate_ranked_lists,
-    )
-    from vireid.evaluation.report import format_table, write_result_json
+    from vireid.evaluation.evaluator import evaluate_precomputed, evaluate_ranked_lists
+    from vireid.evaluation.report import format_table, recorded_distance, write_result_json
     from vireid.features import load_features
 
     if args.max_rank < 1:
@@ -93,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{', '.join(rerank_only)} only apply with --rerank")
     if args.tune_metric and not args.tune_on:
         raise InputError("--tune-metric only applies with --tune-on")
+    if args.html and args.ranked:
+        raise InputError("--html needs distances for its rank lists: not available with --ranked")
+    if args.image_root and not args.html:
+        raise InputError("--image-root only applies with --html")
     methods = [m.strip() for m in args.rerank.split(",")] if args.rerank else []
     if args.rerank and (not all(methods) or len(set(methods)) != len(methods)):
         raise InputError(f"--rerank {args.rerank!r}: expected distinct method names separated by commas")
@@ -106,11 +125,13 @@ def run(args: argparse.Namespace) -> int:
         evaluation = evaluate_precomputed(features, dist, args.protocol, source=args.distance,
                                           max_rank=args.max_rank)
         name = f"precomputed ({Path(args.distance).name})"
+        reported = [(name, evaluation, lambda t: np.asarray(dist[np.ix_(*features.trial_rows(t))]))]
     elif args.ranked:
         ranked_index = _load_ranked(Path(args.ranked))
         evaluation = evaluate_ranked_lists(features, ranked_index, args.protocol, source=args.ranked,
                                            max_rank=args.max_rank)
         name = f"ranked lists ({Path(args.ranked).name})"
+        reported = []
     elif args.rerank:
         from vireid.evaluation.tuning import evaluate_rerank, smallest_gallery
         from vireid.retrieval import resolve_rerank
@@ -120,17 +141,12 @@ def run(args: argparse.Namespace) -> int:
                                   dtype=args.dtype)
         evaluation = evaluate_rerank(features, args.protocol, settings, max_rank=args.max_rank)
         name = f"{settings.method} ({settings.variant})"
-    elif "gallery_feat_x" in features.extras:
-        from vireid.models.methods.xiv import xiv_distance
-
-        dtype = np.dtype(args.dtype)
-        evaluation = evaluate_features(
-            features, args.protocol, distance_fn=lambda trial: xiv_distance(trial, dtype=dtype),
-            distance_info={"method": "xiv", "equation": "XIV Eq. 2", "dtype": args.dtype}, max_rank=args.max_rank)
-        name = "xiv (Eq. 2)"
+        reported = [(name, evaluation, recorded_distance(features, evaluation.distance))]
+        if settings.method != "plain" and args.html:
+            reported.insert(0, _baseline(args, features))
     else:
-        evaluation = evaluate_features(features, args.protocol, dtype=np.dtype(args.dtype), max_rank=args.max_rank)
-        name = "plain"
+        name, evaluation, distance = _baseline(args, features)
+        reported = [(name, evaluation, distance)]
     rows = [(f"trial {t}", r) for t, r in enumerate(evaluation.trials)] if len(evaluation.trials) > 1 else []
     mean = evaluation.mean
     rows.append((name if len(evaluation.trials) == 1 else f"{name}, mean", mean))
@@ -142,7 +158,56 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_result_json(args.json, evaluation)
         print(f"wrote {args.json}")
+    if args.html:
+        _write_report(args, features, reported)
     return 0
+
+
+def _baseline(args: argparse.Namespace, features: FeatureSet) -> Reported:
+    """The distance without re-ranking: XIV's Eq. 2 for a file from an XIV model, else plain."""
+    import numpy as np
+
+    from vireid.evaluation.evaluator import evaluate_features
+    from vireid.evaluation.report import recorded_distance
+
+    if "gallery_feat_x" in features.extras:
+        from vireid.models.methods.xiv import xiv_distance
+
+        dtype = np.dtype(args.dtype)
+        evaluation = evaluate_features(
+            features, args.protocol, distance_fn=lambda trial: xiv_distance(trial, dtype=dtype),
+            distance_info={"method": "xiv", "equation": "XIV Eq. 2", "dtype": args.dtype}, max_rank=args.max_rank)
+        return "xiv (Eq. 2)", evaluation, lambda t: xiv_distance(features.trial(t), dtype=dtype)
+    evaluation = evaluate_features(features, args.protocol, dtype=np.dtype(args.dtype), max_rank=args.max_rank)
+    return "plain", evaluation, recorded_distance(features, evaluation.distance)
+
+
+def _write_report(args: argparse.Namespace, features: FeatureSet, reported: list[Reported]) -> None:
+    """The HTML report of ``reported`` (name, evaluation, trial distance): mean CMC curves and
+    metrics, rank lists of the first trial."""
+    from vireid.evaluation.metrics import get_protocol
+    from vireid.evaluation.report import REPORT_QUERIES, method_rank_lists, write_html_report
+
+    rank_lists = method_rank_lists(features, {name: distance for name, _, distance in reported},
+                                   get_protocol(args.protocol), image_root=_image_root(args, features))
+    trials = features.num_trials
+    write_html_report(
+        args.html, f"{Path(args.features).name}: protocol {args.protocol}",
+        [(name, evaluation.mean) for name, evaluation, _ in reported],
+        rank_lists=rank_lists,
+        notes=[f"Features {args.features}; protocol {args.protocol}; "
+               + (f"mean over {trials} trials." if trials > 1 else "one trial.")],
+        rank_list_note=f"{min(REPORT_QUERIES, len(features.trial_rows(0)[0]))} queries of "
+                       + (f"trial 1 of {trials}" if trials > 1 else "the file") + " drawn with seed 0.")
+    print(f"wrote {args.html}")
+
+
+def _image_root(args: argparse.Namespace, features: FeatureSet) -> Path | None:
+    """--image-root, else the dataset folder `vireid extract` recorded (when it is a folder), else None."""
+    if args.image_root:
+        return Path(args.image_root)
+    recorded = (features.meta.get("dataset") or {}).get("root")
+    return Path(recorded) if recorded and Path(recorded).is_dir() else None
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -182,7 +247,7 @@ def _load_ranked(path: Path) -> np.ndarray:
 def _several(args: argparse.Namespace, features: FeatureSet, methods: list[str]) -> int:
     """Each method of ``--rerank``; with ``--tune-on val`` each with its preset (or default) values and
     with the values its grid search picks on the validation identities. One table, one JSON."""
-    from vireid.evaluation.report import evaluation_to_dict, format_table
+    from vireid.evaluation.report import evaluation_to_dict, format_table, recorded_distance
     from vireid.evaluation.tuning import evaluate_rerank, preset_and_tuned, smallest_gallery
     from vireid.io import write_json_atomic
     from vireid.retrieval import METHODS, resolve_rerank
@@ -192,6 +257,7 @@ def _several(args: argparse.Namespace, features: FeatureSet, methods: list[str])
     for method in methods:                                   # every name checked before any work
         resolve_rerank(method, variant=args.variant, params=params, preset=args.preset, dtype=args.dtype)
     rows, entries, notes = [], {}, []
+    reported: list[Reported] = [_baseline(args, features)] if args.html and "plain" not in methods else []
     base = args.preset or "defaults"
     for method in methods:
         if args.tune_on and METHODS[method].params:
@@ -201,6 +267,9 @@ def _several(args: argparse.Namespace, features: FeatureSet, methods: list[str])
             tuning = both.tuning
             chosen = ", ".join(f"{k}={v:g}" for k, v in tuning.chosen.items() if k in tuning.grid)
             rows += [(f"{method} ({base})", both.preset.mean), (f"{method} (tuned on val: {chosen})", both.tuned.mean)]
+            reported += [(f"{method} ({base})", both.preset, recorded_distance(features, both.preset.distance)),
+                         (f"{method} (tuned on val: {chosen})", both.tuned,
+                          recorded_distance(features, both.tuned.distance))]
             entries[method] = both.to_dict()
             base_score = "n/a" if tuning.base_score is None else f"{100 * tuning.base_score:.2f}"
             notes.append(f"{method}: validation {metric} {base_score} with {base}, {100 * tuning.best['score']:.2f} "
@@ -210,6 +279,8 @@ def _several(args: argparse.Namespace, features: FeatureSet, methods: list[str])
                                       params=params, preset=args.preset, dtype=args.dtype)
             evaluation = evaluate_rerank(features, args.protocol, settings, max_rank=args.max_rank)
             rows.append((f"{method} ({settings.variant})", evaluation.mean))
+            reported.append((f"{method} ({settings.variant})", evaluation,
+                             recorded_distance(features, evaluation.distance)))
             entries[method] = evaluation_to_dict(evaluation)
     print(f"protocol {args.protocol}; {features.num_trials} trial(s); mean over trials"
           + (f"; parameters tuned on the validation identities by {metric}" if args.tune_on else ""))
@@ -221,4 +292,7 @@ def _several(args: argparse.Namespace, features: FeatureSet, methods: list[str])
                                       "tune": {"on": args.tune_on, "metric": metric} if args.tune_on else None,
                                       "methods": entries})
         print(f"wrote {args.json}")
+    if args.html:
+        reported.sort(key=lambda entry: entry[1].distance.get("method") != "plain")   # plain first
+        _write_report(args, features, reported)
     return 0

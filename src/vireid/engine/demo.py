@@ -36,12 +36,18 @@ from vireid.engine.pipeline import extract_protocol_features, held_out_records, 
 from vireid.engine.trainer import train
 from vireid.evaluation.evaluator import ProtocolEvaluation, evaluate_features
 from vireid.evaluation.tuning import PresetAndTuned, preset_and_tuned
-from vireid.evaluation.report import evaluation_to_dict, feature_rank_lists, format_table, write_html_report
+from vireid.evaluation.report import (
+    REPORT_QUERIES,
+    evaluation_to_dict,
+    format_table,
+    method_rank_lists,
+    recorded_distance,
+    write_html_report,
+)
 from vireid.evaluation.metrics import get_protocol
 from vireid.features import FeatureSet, save_features
 from vireid.io import write_json_atomic
 from vireid.models.registry import create_model
-from vireid.retrieval import rerank, resolve_rerank
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +116,21 @@ def evaluate_methods(features: FeatureSet, methods: tuple[str, ...] = DEMO_METHO
 
 def table_rows(results: dict[str, tuple[ProtocolEvaluation | PresetAndTuned, float]]) -> list[tuple[str, Any]]:
     """(row name, mean result): ``plain``, then ``M (SYSU preset)`` and ``M (tuned on val: values)``."""
-    rows = []
+    return [(name, evaluation.mean) for name, evaluation in named_evaluations(results)]
+
+
+def named_evaluations(results: dict[str, tuple[ProtocolEvaluation | PresetAndTuned, float]]
+                      ) -> list[tuple[str, ProtocolEvaluation]]:
+    """(row name, evaluation) of each table row, in the table's order."""
+    rows: list[tuple[str, ProtocolEvaluation]] = []
     for method, (evaluation, _) in results.items():
         if isinstance(evaluation, PresetAndTuned):
             chosen = ", ".join(f"{k} {v:g}" for k, v in evaluation.tuning.chosen.items()
                                if k in evaluation.tuning.grid)
-            rows += [(f"{method} (SYSU preset)", evaluation.preset.mean),
-                     (f"{method} (tuned on val: {chosen})", evaluation.tuned.mean)]
+            rows += [(f"{method} (SYSU preset)", evaluation.preset),
+                     (f"{method} (tuned on val: {chosen})", evaluation.tuned)]
         else:
-            rows.append((method, evaluation.mean))
+            rows.append((method, evaluation))
     return rows
 
 
@@ -155,15 +167,13 @@ def run_demo(out_dir: Path, *, quick: bool = False, cache_dir: Path | None = Non
     save_features(out_dir / "features.npz", features)
     results = evaluate_methods(features)
 
-    rows = [("untrained (plain)", chance.mean)] + table_rows(results)
-    print(format_table(rows))
-    first_trial = features.trial(0)
-    protocol = get_protocol("sysu")
-    rank_lists = {}
-    for method in ("plain", "aim"):
-        s = resolve_rerank(method, num_gallery=len(first_trial.gallery_id), preset=None if method == "plain" else "sysu")
-        dist = rerank(s.method, first_trial.query_feat, first_trial.gallery_feat, variant=s.variant, params=s.params, dtype=s.dtype)
-        rank_lists[f"{method} (trial 1)"] = _absolute_paths(feature_rank_lists(first_trial, dist, protocol, count=8, seed=seed), root)
+    print(format_table([("untrained (plain)", chance.mean)] + table_rows(results)))
+    rows = table_rows(results) + [("untrained (plain)", chance.mean)]   # the report: plain first
+    # rank lists of every row on the first trial; the untrained network's features share its rows
+    distances = {name: recorded_distance(features, evaluation.distance)
+                 for name, evaluation in named_evaluations(results)}
+    distances["untrained (plain)"] = recorded_distance(untrained_features, chance.distance)
+    rank_lists = method_rank_lists(features, distances, get_protocol("sysu"), seed=seed, image_root=root)
     wall = time.perf_counter() - start
     payload: dict[str, Any] = {
         "protocol": {"name": "sysu", **PROTOCOL_PARAMS, "trials": features.num_trials},
@@ -180,6 +190,7 @@ def run_demo(out_dir: Path, *, quick: bool = False, cache_dir: Path | None = Non
     write_html_report(
         out_dir / "report.html", "vireid demo: synthetic SYSU-MM01 layout, all-search single-shot",
         rows, rank_lists=rank_lists,
+        rank_list_note=f"{REPORT_QUERIES} queries of trial 1 of {features.num_trials} drawn with seed {seed}.",
         notes=[f"{settings.backbone} two-stream baseline, {settings.epochs} epochs on {summary['num_train_ids']} "
                f"synthetic identities ({settings.val_ids} more held out for validation); 10 trials, official "
                f"gallery rule with seeded permutations; re-rankers with the SYSU preset and with parameters "
@@ -210,10 +221,3 @@ def _method_entry(evaluation: ProtocolEvaluation | PresetAndTuned, seconds: floa
 def _metrics(evaluation: ProtocolEvaluation) -> dict[str, Any]:
     data = evaluation_to_dict(evaluation)
     return {k: data[k] for k in ("cmc", "mAP", "mINP") if k in data} | {"distance": evaluation.distance}
-
-
-def _absolute_paths(rank_lists: list, root: Path) -> list:
-    for rank_list in rank_lists:
-        rank_list.query_path = str(root / rank_list.query_path)
-        rank_list.gallery_paths = [str(root / p) for p in rank_list.gallery_paths]
-    return rank_lists
