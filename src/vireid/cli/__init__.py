@@ -4,6 +4,9 @@ Each sub-command lives in its own module ``vireid.cli.<name>`` exposing
 ``register(subparsers) -> None``; the parser it adds sets ``func(args) -> int``.
 Heavy imports (torch, faiss) happen inside ``func`` so ``vireid --help`` stays fast.
 Bad user input raises :class:`vireid.errors.InputError`: one line on stderr, exit code 2.
+The options every command shares are defined once in :mod:`vireid.cli.options` and applied here,
+before the command runs: ``-q/-v`` (console log level and progress bars), ``--threads`` (CPU
+threads of torch, BLAS, faiss; onnxruntime reads ``args.cpu_threads``) and ``--device`` (checked).
 A reader of stdout that stops early (``vireid evaluate … | head -1``) ends the command quietly.
 """
 
@@ -19,7 +22,9 @@ import sys
 from collections.abc import Sequence
 
 from vireid import __version__
+from vireid.cli.options import add_verbosity_options, check_device, cpu_threads
 from vireid.errors import InputError
+from vireid.progress import set_progress_bars
 
 COMMAND_MODULES = (
     "demo", "synth", "train", "extract", "evaluate", "rerank",
@@ -47,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vireid {__version__}")
+    add_verbosity_options(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"vireid.cli.{name}").register(subparsers)
@@ -75,9 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_console_logging()
     try:
-        return int(args.func(args) or 0)
+        quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+        if quiet and verbose:
+            raise InputError("-q/--quiet and -v/--verbose contradict each other; give one")
+        configure_console_logging(verbosity=-1 if quiet else 1 if verbose else 0)
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
+        if not hasattr(args, "threads"):
+            return int(args.func(args) or 0)
+        with cpu_threads(args.threads) as args.cpu_threads:
+            return int(args.func(args) or 0)
     except InputError as exc:
         print(f"vireid {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -128,21 +142,31 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_console_logging() -> None:
+def configure_console_logging(verbosity: int = 0) -> None:
     """The library's log records on stderr: INFO and above from the main process (rank 0 under
-    torchrun), warnings and errors from the others. Commands with a run folder also keep a log file."""
+    torchrun), warnings and errors from the others. ``verbosity`` -1 (``-q``): warnings and errors
+    only, and no progress bars; 1 (``-v``): DEBUG records too. Commands with a run folder also keep
+    a log file (INFO and above whatever the console shows)."""
     logger = logging.getLogger("vireid")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        logger.addHandler(_StderrHandler())
-    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        logger.addHandler(handler)
+    main_process = os.environ.get("RANK", "0") == "0"
+    console = logging.WARNING if verbosity < 0 or not main_process else logging.DEBUG if verbosity > 0 else logging.INFO
+    handler.setLevel(console)
+    logger.setLevel(min(console, logging.INFO))
+    set_progress_bars(verbosity >= 0)
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction, name: str, help_text: str, description: str | None = None) -> argparse.ArgumentParser:
-    """A sub-parser with defaults shown in ``--help``."""
-    return subparsers.add_parser(
+    """A sub-parser with defaults shown in ``--help`` and the ``-q`` / ``-v`` options."""
+    parser = subparsers.add_parser(
         name, help=help_text, description=description or help_text,
         formatter_class=HelpFormatter,
     )
+    add_verbosity_options(parser)
+    return parser
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vireid.cli import add_subcommand
-from vireid.cli.options import parse_key_values
+from vireid.cli.options import add_threads_option, parse_key_values
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,15 +26,20 @@ if TYPE_CHECKING:
 
 PROTOCOL_CHOICES = ("sysu", "regdb", "llcm", "market")
 
+log = logging.getLogger(__name__)
+
 DESCRIPTION = """\
 Evaluate FEATURES.npz (keys query_feat, gallery_feat, query_id, gallery_id, query_cam, gallery_cam;
 optional trial_query_index / trial_gallery_index for several trials) under a protocol and print
 CMC rank-1/5/10/20, mAP and mINP in percent. The default distance is the negative inner product of
 L2-normalised features; a file from an XIV model (key gallery_feat_x) uses XIV's Eq. 2 distance instead. Queries without a valid true match are skipped and counted, as the reference
-evaluators do. Protocols: sysu (AGW eval_sysu: cam-3 queries ignore cam-2 gallery, identity-level CMC),
-regdb (AGW eval_regdb: nothing removed, image-level CMC), llcm (LLCM eval_llcm: same identity and
-camera removed, identity-level CMC), market (Market-1501/torchreid: same identity and camera removed,
-image-level CMC).
+evaluators do. --protocol is the metric rule: sysu (AGW eval_sysu: cam-3 queries ignore cam-2 gallery,
+identity-level CMC), regdb (AGW eval_regdb: nothing removed, image-level CMC), llcm (LLCM eval_llcm:
+same identity and camera removed, identity-level CMC), market (Market-1501/torchreid: same identity
+and camera removed, image-level CMC). The data protocol of `vireid extract --protocol` chose which
+images are queries and gallery and recorded its metric rule in the file (meta_json); without
+--protocol that rule is used (the same names; sysu-agw uses sysu), and a --protocol that differs
+from it is warned about.
 
 --rerank takes one method or a comma-separated list (aim,sim,krr). With --tune-on val, each method's
 parameters are chosen by a grid search on the validation identities stored in the file (keys
@@ -57,8 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_subcommand(subparsers, "evaluate", "Evaluate features, a distance matrix or ranked lists "
                             "under a protocol (CMC, mAP, mINP).", DESCRIPTION)
     parser.add_argument("features", metavar="FEATURES.npz", help="feature file (see above)")
-    parser.add_argument("--protocol", required=True, choices=PROTOCOL_CHOICES,
-                        help="evaluation protocol: gallery removal rule and CMC kind")
+    parser.add_argument("--protocol", choices=PROTOCOL_CHOICES,
+                        help="metric rule: which gallery items a query's ranking ignores and whether the CMC is "
+                        "identity- or image-level (see above) (default: the rule the file's data protocol recorded, "
+                        "written by `vireid extract`)")
     parser.add_argument("--json", metavar="OUT.json", help="also write the result as JSON (metrics as fractions, "
                         "protocol, distance method and parameters, per-trial results, skipped queries)")
     source = parser.add_mutually_exclusive_group()
@@ -89,6 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-root", metavar="DIR", help="with --html: the folder the file's relative image "
                         "paths are under (default: the dataset folder recorded by `vireid extract`, else the "
                         "current folder)")
+    add_threads_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -118,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if args.param and len(methods) > 1:
         raise InputError("--param applies to one method; give --rerank a single method to set parameters")
     features = load_features(args.features)
+    args.protocol = metric_rule(args.protocol, features, args.features)
     if args.tune_on or len(methods) > 1:
         return _several(args, features, methods)
     if args.distance:
@@ -161,6 +172,29 @@ def run(args: argparse.Namespace) -> int:
     if args.html:
         _write_report(args, features, reported)
     return 0
+
+
+def metric_rule(given: str | None, features: FeatureSet, source: str) -> str:
+    """The metric rule to evaluate with: ``given`` (``--protocol``), else the one the file's data
+    protocol recorded in ``meta_json`` (said on the console); a given rule that differs from the
+    recorded one is evaluated, with a warning."""
+    from vireid.errors import InputError
+
+    recorded = features.meta.get("protocol")
+    name, metric = (recorded.get("name"), recorded.get("metric")) if isinstance(recorded, dict) else (None, None)
+    if given is None:
+        if metric is None:
+            raise InputError(f"{source}: its metadata (meta_json) names no protocol; give --protocol "
+                             f"{{{','.join(PROTOCOL_CHOICES)}}}")
+        if metric not in PROTOCOL_CHOICES:
+            raise InputError(f"{source}: meta_json names the metric rule {metric!r}, not one of "
+                             f"{', '.join(PROTOCOL_CHOICES)}; give --protocol")
+        log.info("protocol %s: the metric rule of data protocol %s, read from %s", metric, name or metric, source)
+        return metric
+    if metric is not None and metric != given:
+        print(f"vireid evaluate: warning: --protocol {given} differs from the metric rule {metric!r} of the data "
+              f"protocol {name or metric!r} recorded in {source}; evaluating with {given}", file=sys.stderr)
+    return given
 
 
 def _baseline(args: argparse.Namespace, features: FeatureSet) -> Reported:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from vireid.cli import add_subcommand
+from vireid.cli.options import add_threads_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,20 +19,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, type=Path, help="ONNX file to write")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     parser.add_argument("--check-batch", type=int, default=5, help="images in the PyTorch/onnxruntime comparison")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_threads_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from vireid.engine.checkpoint import load_checkpoint_model
     from vireid.serve.encoder import ONNX_TOLERANCE, export_onnx, onnx_max_abs_difference
 
-    torch.set_num_threads(args.threads)
     model, cfg = load_checkpoint_model(args.checkpoint)
     export_onnx(model, cfg.transforms, args.out, opset=args.opset)
-    diff = onnx_max_abs_difference(model, cfg.transforms, args.out, batch=args.check_batch)
+    diff = onnx_max_abs_difference(model, cfg.transforms, args.out, batch=args.check_batch, threads=args.cpu_threads)
     print(f"wrote {args.out} (input {cfg.transforms.height}x{cfg.transforms.width}); "
           f"max abs difference onnxruntime vs PyTorch: {diff:.3e} (tolerance {ONNX_TOLERANCE:.0e})")
     if not diff < ONNX_TOLERANCE:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from vireid.cli import add_subcommand
-from vireid.cli.options import parse_key_values
+from vireid.cli.options import add_device_option, add_threads_option, parse_key_values
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--root", default=None,
                    help="dataset folder, or the CSV file for 'manifest' (default: the training root)")
     p.add_argument("--protocol", required=True,
-                   help="evaluation protocol: sysu (official), sysu-agw, regdb, llcm or market")
+                   help="data protocol: which test images are queries and which gallery, trial by trial: sysu "
+                   "(official gallery draw), sysu-agw (AGW code's draw), regdb, llcm or market. The file records it "
+                   "with its metric rule, which `vireid evaluate` applies when given no --protocol (the same "
+                   "names; sysu-agw uses sysu)")
     p.add_argument("--protocol-param", action="append", default=[], metavar="NAME=VALUE",
                    help="protocol parameter, repeatable: e.g. mode=indoor, shots=10, direction=thermal-visible, "
                    "trials=3 or trials=[1,2], permutations=seeded (SYSU-layout trees whose image counts differ "
@@ -37,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="feature file to write (.npz, written atomically)")
     p.add_argument("--flip", action="store_true", help="average each feature with that of the mirrored image")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda:0 …")
+    add_device_option(p)
+    add_threads_option(p)
     p.add_argument("--workers", type=int, default=2, help="image loader processes")
     p.add_argument("--method-option", action="append", default=[], metavar="NAME=VALUE",
                    help="option of the method's test-time step, repeatable (cm-SSFT: mode=all|single, k=4)")
@@ -48,8 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from vireid.cli.options import torch_device
     from vireid.data.protocols import regdb_trials_for_split
     from vireid.engine.checkpoint import load_checkpoint_model, resolve_checkpoint
     from vireid.engine.extraction import set_default_workers
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint, description = resolve_checkpoint(args.checkpoint)
     print(f"checkpoint: {description}")
     model, cfg = load_checkpoint_model(checkpoint)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    device = torch_device(args.device)
     dataset = args.dataset or cfg.data.dataset
     root = args.root or cfg.data.root
     options = cfg.data.options if dataset == cfg.data.dataset else {}

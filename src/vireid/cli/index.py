@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
 from vireid.cli import add_subcommand
-from vireid.cli.options import parse_key_values
+from vireid.cli.options import add_threads_option, parse_key_values
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,11 +86,11 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
                              "(path[,person_id,camera,time,modality])")
     parser.add_argument("--modality", default="visible", help="modality of the images (a manifest column overrides it)")
     parser.add_argument("--no-store-images", action="store_true", help="keep only features and metadata, not the images")
-    parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime CPU threads")
+    add_threads_option(parser)
 
 
 def _progress(message: str) -> None:
-    print(f"[index] {message}", file=sys.stderr, flush=True)
+    log.info(message)
 
 
 def _sources(args: argparse.Namespace):
@@ -104,13 +106,10 @@ def _sources(args: argparse.Namespace):
 
 
 def _encode(args: argparse.Namespace, model_path: Path, sources):
-    import torch
-
     from vireid.serve.encoder import load_encoder
     from vireid.serve.enrol import encode_sources
 
-    torch.set_num_threads(args.threads)
-    encoder = load_encoder(model_path, threads=args.threads)
+    encoder = load_encoder(model_path, threads=args.cpu_threads)
     _progress(f"encoding {len(sources)} images with {model_path}")
     return encoder, encode_sources(encoder, sources, keep_images=not args.no_store_images, progress=_progress)
 

@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from vireid.cli import add_subcommand
-from vireid.cli.options import parse_key_values
+from vireid.cli.options import add_threads_option, parse_key_values
 
 if TYPE_CHECKING:
     from vireid.features import FeatureSet
@@ -54,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--recall-budget", type=float, default=0.25, metavar="F",
                         help="most inner products an approximate search may compute, as a fraction of an exact search's")
     parser.add_argument("--out", required=True, metavar="DIST.npy", help="output file (Q, G), or RANKS.npz with --topk")
+    add_threads_option(parser)
     parser.set_defaults(func=run)
 
 

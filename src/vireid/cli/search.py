@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from vireid.cli import add_subcommand
+from vireid.cli.options import add_threads_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--topk", type=int, default=20, help="results to print")
     parser.add_argument("--json", action="store_true",
                         help="print the results as the JSON of `POST /search` (same keys and meaning)")
-    parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime CPU threads")
+    add_threads_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -26,15 +27,12 @@ def run(args: argparse.Namespace) -> int:
     import json
     import time
 
-    import torch
-
     from vireid.data.records import Modality
     from vireid.errors import InputError
     from vireid.serve.app import search_response
     from vireid.serve.encoder import encode_images, load_encoder, read_image_file
     from vireid.serve.index import GalleryIndex
 
-    torch.set_num_threads(args.threads)
     try:
         modality = Modality.parse(args.modality)
     except ValueError as exc:
@@ -42,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     index = GalleryIndex.open(args.index, first_stage="scan")  # one query: int8 codes would cost more than they save
     if index.model_file is None:
         raise InputError(f"{args.index}: index has no stored model to encode the query with")
-    encoder = load_encoder(index.model_file, threads=args.threads)
+    encoder = load_encoder(index.model_file, threads=args.cpu_threads)
     image, _ = read_image_file(args.image)
     t0 = time.perf_counter()
     query = encode_images(encoder, [image], modality)[0]

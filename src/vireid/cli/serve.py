@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from vireid.cli import add_subcommand
+from vireid.cli.options import add_threads_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,9 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--candidates", type=int, default=256,
                         help="items the int8 or IVF first stage keeps (at least twice max(topk, AIM k1))")
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query with --first-stage ivf")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch / onnxruntime threads per request (requests run in parallel; on a shared "
-                             "machine one thread each keeps latency stable)")
+    add_threads_option(parser, default=1, default_text="1: requests run in parallel, each with these threads; "
+                       "one each keeps latency stable on a shared machine")
     parser.set_defaults(func=run)
 
 
@@ -67,19 +67,17 @@ def allowed_hosts(host: str, given: list[str] | None) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     import uvicorn
 
     from vireid.serve.app import ServiceConfig, bind_warning, create_app, read_token
 
-    torch.set_num_threads(args.threads)
     config = ServiceConfig(
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_enrol_bytes=int(args.max_enrol_mb * 1024 * 1024),
         max_pixels=args.max_pixels, max_aspect=args.max_aspect, decode_slots=args.decode_slots,
         queue_limit=args.queue_limit, queue_timeout_s=args.queue_timeout,
         token=read_token(args.token_file), public_reads=args.public_reads,
         allowed_hosts=allowed_hosts(args.host, args.allowed_host), scan_dtype=args.scan_dtype,
-        first_stage=args.first_stage, candidates=args.candidates, nprobe=args.nprobe, threads=args.threads)
+        first_stage=args.first_stage, candidates=args.candidates, nprobe=args.nprobe, threads=args.cpu_threads)
     warning = bind_warning(args.host)
     if warning is not None:
         print(f"vireid serve: warning: {warning}", file=sys.stderr, flush=True)

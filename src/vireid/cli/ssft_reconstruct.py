@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vireid.cli import add_subcommand
+from vireid.cli.options import add_device_option, add_threads_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,12 +19,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--modality", required=True, nargs="+", metavar="M",
                         help="visible or infrared: one value for all images or one per image")
     parser.add_argument("--out", required=True, metavar="OUT.png", help="output PNG")
+    add_device_option(parser)
+    add_threads_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from vireid.cli.options import torch_device
     from vireid.data.records import Modality
     from vireid.engine.checkpoint import load_checkpoint_model
     from vireid.errors import InputError
@@ -38,11 +42,12 @@ def run(args: argparse.Namespace) -> int:
         modalities = modalities * len(args.images)
     if len(modalities) != len(args.images):
         raise InputError(f"--modality: give one value or one per image ({len(args.images)}), got {len(modalities)}")
+    device = torch_device(args.device)
     model, cfg = load_checkpoint_model(args.checkpoint)
     if not isinstance(model, SSFTModel):
         raise InputError(f"{args.checkpoint}: a {cfg.model.method!r} checkpoint; ssft-reconstruct needs a cm-SSFT one")
     with torch.inference_mode():
-        sheet = reconstruction_grid(model, args.images, modalities, cfg.transforms)
+        sheet = reconstruction_grid(model.to(device), args.images, modalities, cfg.transforms)
     save_png(sheet, args.out)
     print(f"wrote {args.out} ({len(args.images)} image(s) x input / shared / specific / full)")
     return 0

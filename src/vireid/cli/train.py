@@ -8,6 +8,7 @@ import os
 import sys
 
 from vireid.cli import add_subcommand
+from vireid.cli.options import add_device_option, add_threads_option
 from vireid.errors import InputError
 
 
@@ -26,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue the run in RUN_DIR exactly where its last checkpoint stopped, with "
                         "the config stored there (--set may change it, e.g. epochs)")
+    add_threads_option(parser, default_text="the config's threads, else all available cores; "
+                       "given, it overrides the config")
+    add_device_option(parser, default=None, default_text="the config's device, auto unless set; given, it "
+                      "overrides the config")
     parser.set_defaults(func=run)
 
 
@@ -37,10 +42,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--resume continues with the run's stored config; give --set to change it, not --config")
     if not args.resume and not args.config:
         raise InputError("give --config CONFIG.yaml (or --resume RUN_DIR)")
+    overrides = list(args.overrides)
+    overrides += [f"threads={args.threads}"] if args.threads is not None else []
+    overrides += [f"device={args.device}"] if args.device is not None else []
     if args.resume:
-        cfg = resume_config(args.resume, args.overrides)
+        cfg = resume_config(args.resume, overrides)
     else:
-        cfg = load_train_config(args.config, args.overrides)
+        cfg = load_train_config(args.config, overrides)
     try:
         summary = train(cfg, resume=bool(args.resume))
     except FloatingPointError as exc:

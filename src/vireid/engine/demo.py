@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +135,11 @@ def named_evaluations(results: dict[str, tuple[ProtocolEvaluation | PresetAndTun
 
 
 def run_demo(out_dir: Path, *, quick: bool = False, cache_dir: Path | None = None, seed: int = 0,
-             threads: int | None = None) -> dict[str, Any]:
-    """Run the demo into ``out_dir``; returns the ``results.json`` content."""
+             device: str = "auto") -> dict[str, Any]:
+    """Run the demo into ``out_dir`` on ``device`` (a torch device name, or ``auto``: CUDA when
+    available); returns the ``results.json`` content."""
     start = time.perf_counter()
     settings = DemoSettings.for_mode(quick)
-    if threads is not None:
-        torch.set_num_threads(threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     synth = SynthConfig("sysu", settings.num_ids, seed=seed, height=settings.height, width=settings.width,
                         difficulty=settings.difficulty)
@@ -149,21 +148,22 @@ def run_demo(out_dir: Path, *, quick: bool = False, cache_dir: Path | None = Non
     print(f"[1/4] synthetic SYSU-layout dataset: {root}")
     render_dataset(synth, root)
 
-    cfg = demo_train_config(settings, root, out_dir, seed)
+    cfg = replace(demo_train_config(settings, root, out_dir, seed), device=device)
+    torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         untrained = create_model(cfg.model, num_classes=1).eval()
     print("[2/4] evaluating the untrained network (chance level)")
-    untrained_features = _extract(untrained, cfg, root)
+    untrained_features = _extract(untrained, cfg, root, torch_device)
     chance = evaluate_features(untrained_features, "sysu")
 
-    print(f"[3/4] training {settings.backbone} two-stream baseline for {settings.epochs} epochs on the CPU")
+    print(f"[3/4] training {settings.backbone} two-stream baseline for {settings.epochs} epochs on {torch_device}")
     summary = train(cfg)
     model, _ = load_checkpoint_model(summary["last_checkpoint"])
 
     print("[4/4] extracting features (test set and validation identities), evaluating SYSU all-search "
           "single-shot, 10 trials; re-ranking parameters also chosen on the validation identities")
-    features = _extract(model, cfg, root, validation=True)
+    features = _extract(model, cfg, root, torch_device, validation=True)
     save_features(out_dir / "features.npz", features)
     results = evaluate_methods(features)
 
@@ -201,9 +201,10 @@ def run_demo(out_dir: Path, *, quick: bool = False, cache_dir: Path | None = Non
     return payload
 
 
-def _extract(model: torch.nn.Module, cfg: TrainConfig, root: Path, *, validation: bool = False) -> FeatureSet:
+def _extract(model: torch.nn.Module, cfg: TrainConfig, root: Path, device: torch.device, *,
+             validation: bool = False) -> FeatureSet:
     return extract_protocol_features(model, cfg.transforms, dataset="sysu", root=str(root), protocol="sysu",
-                                     protocol_params=dict(PROTOCOL_PARAMS), batch_size=128,
+                                     protocol_params=dict(PROTOCOL_PARAMS), batch_size=128, device=device,
                                      validation_records=held_out_records(cfg) if validation else (),
                                      validation_query=validation_query_modality(cfg))
 

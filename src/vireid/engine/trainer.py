@@ -67,6 +67,7 @@ from vireid.models.base import ReIDModel
 from vireid.models.pretrained import PretrainedWeights, resolve_pretrained
 from vireid.models.registry import create_model
 from vireid.models.routing import sorted_counts, sorted_modality_layout
+from vireid.progress import live_bars, log_above_bars, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class Trainer:
         # ImageNet weights: one process per machine downloads them if needed, the others wait
         self.pretrained: PretrainedWeights | None = distributed.local_leader_first(
             lambda leader: resolve_pretrained(cfg.model.backbone, cfg.model.pretrained, download=leader,
-                                              progress=leader and cfg.progress_bar), info, device)
+                                              progress=leader and cfg.progress_bar and live_bars()), info, device)
         model_cfg = replace(cfg.model, pretrained=self.pretrained.file if self.pretrained else None)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -537,8 +538,6 @@ class LossWindow:
 def _run_log(path: Path | None, console_bars: bool = False) -> Iterator[None]:
     """The ``vireid`` loggers' INFO records also go to ``path`` (rank 0's run log) for the run;
     ``console_bars``: console log lines are written above the progress bars."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     logger = logging.getLogger("vireid")
     previous = logger.level
     handler = None
@@ -551,7 +550,7 @@ def _run_log(path: Path | None, console_bars: bool = False) -> Iterator[None]:
         handler.setLevel(logging.INFO)
         logger.addHandler(handler)
     try:
-        with logging_redirect_tqdm(loggers=[logger]) if console_bars else contextlib.nullcontext():
+        with log_above_bars(logger) if console_bars else contextlib.nullcontext():
             yield
     finally:
         if handler is not None:
@@ -569,7 +568,4 @@ def _summary_writer(folder: Path, purge_step: int | None) -> Any:
 
 
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="batch", dynamic_ncols=True, leave=False,
-                disable=not enabled)
+    return progress_bar(total=total, initial=initial, desc=desc, unit="batch", leave=False, enabled=enabled)

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from vireid.errors import InputError
+from vireid.progress import progress_bar
 from vireid.evaluation.evaluator import ProtocolEvaluation, evaluate_features
 from vireid.evaluation.metrics import MAX_RANK, EvalResult, Protocol
 from vireid.evaluation.report import evaluation_to_dict
@@ -123,7 +123,7 @@ def tune_rerank(validation: FeatureSet, protocol: str | Protocol, method: str, *
     tuning = Tuning(spec.name, base.variant, metric, dict(base.params), searched, num_trials=validation.num_trials)
     num_gallery = smallest_gallery(validation)
     candidates = grid_points(base.params, searched)
-    for params in tqdm(candidates, desc=f"tuning {spec.name} on val", disable=not progress):
+    for params in progress_bar(candidates, desc=f"tuning {spec.name} on val", enabled=progress):
         try:
             settings = resolve_rerank(spec.name, num_gallery=num_gallery, variant=base.variant, params=params,
                                       dtype=dtype)

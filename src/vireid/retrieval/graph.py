@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from vireid.errors import InputError
+from vireid.progress import progress_bar
 
 if TYPE_CHECKING:
     from vireid.retrieval.knn import NeighbourIndex
@@ -86,7 +86,7 @@ def farthest_similarity(features: np.ndarray, *, sample_size: int = 2048, seed: 
         sample = features[np.sort(np.random.default_rng(seed).choice(n, sample_size, replace=False))]
     out = np.empty(n, dtype=np.float32)
     step = max(1, _BLOCK_ELEMENTS // len(sample))
-    for start in tqdm(range(0, n, step), desc="farthest sample", disable=not progress):
+    for start in progress_bar(range(0, n, step), desc="farthest sample", enabled=progress):
         out[start:start + step] = (features[start:start + step] @ sample.T).min(axis=1)
     return out
 
@@ -123,7 +123,7 @@ def reciprocal_mask(graph: NeighbourGraph, k: int, *, rows: np.ndarray | None = 
     _require_columns(graph, k + 1, f"k-reciprocal sets with k={k}")
     ids = np.arange(graph.n) if rows is None else np.asarray(rows, dtype=np.int64)
     mask = np.empty((len(ids), k + 1), dtype=bool)
-    for start in tqdm(range(0, len(ids), _ROW_CHUNK), desc=f"reciprocal k={k}", disable=not progress):
+    for start in progress_bar(range(0, len(ids), _ROW_CHUNK), desc=f"reciprocal k={k}", enabled=progress):
         chunk = ids[start:start + _ROW_CHUNK]
         forward = graph.index[chunk, : k + 1]
         backward = graph.index[forward, : k + 1]
@@ -150,7 +150,7 @@ def expanded_k_reciprocal_sets(graph: NeighbourGraph, k1: int, *, rows: np.ndarr
         hood = np.unique(graph.index[ids, : k1 + 1])
         half_recip = reciprocal_mask(graph, half, rows=hood)
     key_parts: list[np.ndarray] = []  # position · n + column, sorted and unique within each chunk
-    for start in tqdm(range(0, len(ids), _ROW_CHUNK), desc=f"expanded reciprocal k={k1}", disable=not progress):
+    for start in progress_bar(range(0, len(ids), _ROW_CHUNK), desc=f"expanded reciprocal k={k1}", enabled=progress):
         chunk = ids[start:start + _ROW_CHUNK]
         positions = np.arange(start, start + len(chunk))
         forward = graph.index[chunk, : k1 + 1]

@@ -47,9 +47,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from vireid.errors import InputError
+from vireid.progress import progress_bar
 from vireid.retrieval.exact import l2_normalize
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ class NeighbourIndex:
             index.cp.max_points_per_centroid = ivf.train_points_per_list
             n_train = min(n, ivf.train_points_per_list * nlist)
             train = self.base[np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))]
-            with tqdm(total=1, desc=f"ivf: k-means ({nlist} lists)", disable=not progress) as bar:
+            with progress_bar(total=1, desc=f"ivf: k-means ({nlist} lists)", enabled=progress) as bar:
                 index.train(train)
                 bar.update()
             self._ivf = index  # owns the quantizer
@@ -250,7 +250,7 @@ class NeighbourIndex:
             index.hnsw.efConstruction = hnsw.ef_construction
             index.hnsw.efSearch = hnsw.ef_search
             step = 65536
-            for start in tqdm(range(0, n, step), desc="hnsw: build", disable=not progress):
+            for start in progress_bar(range(0, n, step), desc="hnsw: build", enabled=progress):
                 index.add(self.base[start:start + step])
             self._hnsw = index
 
@@ -424,7 +424,7 @@ class NeighbourIndex:
         idx = np.empty((len(q), k), dtype=np.int64)
         sim = np.empty((len(q), k), dtype=np.float32)
         step = _EXACT_QUERY_BLOCK
-        for start in tqdm(range(0, len(q), step), desc=desc, disable=not self.progress or not desc):
+        for start in progress_bar(range(0, len(q), step), desc=desc, enabled=self.progress and bool(desc)):
             s, i = faiss.knn(q[start:start + step], self.base[lo:hi], k, metric=faiss.METRIC_INNER_PRODUCT)
             idx[start:start + step] = i + lo
             sim[start:start + step] = s
@@ -439,7 +439,7 @@ class NeighbourIndex:
         idx = np.empty((len(q), k), dtype=np.int64)
         sim = np.empty((len(q), k), dtype=np.float32)
         step = 16384
-        for start in tqdm(range(0, len(q), step), desc=desc, disable=not self.progress or not desc):
+        for start in progress_bar(range(0, len(q), step), desc=desc, enabled=self.progress and bool(desc)):
             sim[start:start + step], idx[start:start + step] = self._hnsw.search(q[start:start + step], k,
                                                                                params=params)
         return idx, sim
@@ -449,7 +449,7 @@ class NeighbourIndex:
         nprobe = min(nprobe, self._quantizer.ntotal)
         out = np.empty((len(x), nprobe), dtype=np.int64)
         step = max(1, _BLOCK_ELEMENTS // self._quantizer.ntotal)
-        for start in tqdm(range(0, len(x), step), desc="ivf: assign", disable=not self.progress or len(x) <= step):
+        for start in progress_bar(range(0, len(x), step), desc="ivf: assign", enabled=self.progress and len(x) > step):
             out[start:start + step] = self._quantizer.search(x[start:start + step], nprobe)[1]
         return out
 
@@ -471,7 +471,7 @@ class NeighbourIndex:
             best_idx, best_sim = start[0].copy(), start[1].copy()
         probe_rows, probe_lists = probes
         probing = _InvertedLists.build(probe_lists, self._lists.n_lists)
-        for lst in tqdm(range(self._lists.n_lists), desc=desc, disable=not self.progress or not desc):
+        for lst in progress_bar(range(self._lists.n_lists), desc=desc, enabled=self.progress and bool(desc)):
             rows = probe_rows[probing.members(lst)]
             members = self._lists.members(lst)
             if lo > 0 or hi < len(self.base):

@@ -38,9 +38,9 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from vireid.errors import InputError
+from vireid.progress import progress_bar
 from vireid.retrieval.api import resolve_rerank
 from vireid.retrieval.exact import euclidean_from_similarity
 from vireid.retrieval.graph import (
@@ -240,7 +240,7 @@ def _rank_aim(qn: np.ndarray, index: NeighbourIndex, p: Mapping[str, float], top
     query_aff = _normalise_csr_rows(rows_to_csr(near_idx[:, :k1], near_sim[:, :k1], n_gallery))
     near_idx, near_sim = near_idx[:, :query_k], near_sim[:, :query_k]
     ranked_index, ranked_dist = _outputs(len(qn), topk)
-    for i in tqdm(range(len(qn)), desc="aim re-ranking", disable=not options.progress):
+    for i in progress_bar(range(len(qn)), desc="aim re-ranking", enabled=options.progress):
         support, support_aff = _csr_row(query_aff, i)
         pos, items, values = _csr_rows(gallery_aff_t, support)
         items, inverse = np.unique(items, return_inverse=True)
@@ -292,7 +292,7 @@ def _rank_sim(qn: np.ndarray, index: NeighbourIndex, p: Mapping[str, float], top
     near_idx, _ = index.search(qn, query_k, desc="query knn")
     expand = min(options.expand, query_k)
     ranked_index, ranked_dist = _outputs(len(qn), topk)
-    for i in tqdm(range(len(qn)), desc="sim re-ranking", disable=not options.progress):
+    for i in progress_bar(range(len(qn)), desc="sim re-ranking", enabled=options.progress):
         seeds = near_idx[i, :expand]
         cand = np.unique(np.concatenate([near_idx[i], nbr[seeds].ravel(), _csr_rows(reverse, seeds)[1]]))
         sgr = _sgr_for_items(qn[i], gn, cand, nbr, nbr_dist, K)
@@ -336,7 +336,7 @@ def _rank_krr(index: NeighbourIndex, n_query: int, p: Mapping[str, float], topk:
     near_idx -= n_query
     row_max = np.maximum(2.0 - 2.0 * min_sim[:n_query], 1e-12)
     ranked_index, ranked_dist = _outputs(n_query, topk)
-    for i in tqdm(range(n_query), desc="krr re-ranking", disable=not options.progress):
+    for i in progress_bar(range(n_query), desc="krr re-ranking", enabled=options.progress):
         items, overlap = _jaccard_overlap(gallery_weights_t, *_csr_row(query_weights, i))
         jaccard = jaccard_from_mass(overlap.copy())
         near = near_idx[i]

@@ -261,15 +261,16 @@ def export_onnx(model: ReIDModel, transform: TransformConfig, out: str | Path, o
 
 
 def onnx_max_abs_difference(model: ReIDModel, transform: TransformConfig, onnx_path: str | Path,
-                            batch: int = 4, seed: int = 0) -> float:
+                            batch: int = 4, seed: int = 0, threads: int = 2) -> float:
     """Largest |PyTorch − onnxruntime| feature difference on a random mixed-modality batch
-    (both streams used, odd batch size to exercise the dynamic axis)."""
+    (both streams used, odd batch size to exercise the dynamic axis); onnxruntime runs ``threads``
+    intra-op threads."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, transform.height, transform.width, generator=generator)
     modality = torch.arange(batch, dtype=torch.long) % 2
     with torch.inference_mode():
         expected = model.eval().extract(images, modality)["feat"].float().numpy()
-    encoder = OnnxEncoder(onnx_path)
+    encoder = OnnxEncoder(onnx_path, threads)
     got = encoder.session.run(["feat"], {"images": images.numpy(), "modality": modality.numpy()})[0]
     return float(np.abs(expected - got).max())
 

@@ -33,13 +33,14 @@ def _to_uint8(image: torch.Tensor, cfg: TransformConfig) -> np.ndarray:
 def reconstruction_grid(model: SSFTModel, paths: Sequence[str | Path], modalities: Sequence[Modality],
                         cfg: TransformConfig) -> Image.Image:
     """One row per image: input, shared-only, specific-only and full reconstructions, captioned
-    (tiles narrower than 64 px are enlarged by an integer factor)."""
+    (tiles narrower than 64 px are enlarged by an integer factor). Runs on the model's device."""
     if len(paths) != len(modalities):
         raise InputError(f"{len(paths)} image(s) but {len(modalities)} modality value(s)")
     model.eval()
     images = torch.stack([load_eval_image(p, cfg) for p in paths])
     modality = torch.tensor([int(m) for m in modalities])
-    decoded = model.reconstruct(images, modality)
+    device = next(model.parameters()).device
+    decoded = {name: tiles.cpu() for name, tiles in model.reconstruct(images.to(device), modality.to(device)).items()}
     scale = -(-_MIN_TILE_WIDTH // cfg.width)
     height, width = cfg.height * scale, cfg.width * scale
     sheet = Image.new("RGB", (len(COLUMNS) * width, _CAPTION + len(paths) * height), "white")
