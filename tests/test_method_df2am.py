@@ -193,6 +193,31 @@ def test_local_attention_fusion_matches_loop():
         torch.testing.assert_close(fused[b], sum(w[p] * parts[p] for p in range(3)), rtol=1e-5, atol=1e-6)
 
 
+def test_part_scoring_hidden_width_is_c_over_r_floored_at_one():
+    # C / r by hand: 8 // 16 = 0 -> one unit, 8 // 4 = 2, 17 // 5 = 3, 512 // 16 = 32
+    for dim, reduction, hidden in ((8, 16, 1), (8, 4, 2), (17, 5, 3), (512, 16, 32)):
+        module = LocalAttentionFusion(dim, num_parts=2, reduction=reduction)
+        assert (module.score[0].out_features, module.score[2].in_features) == (hidden, hidden)
+
+
+def test_per_modality_identity_loss_of_one_modality_is_its_mean():
+    # an all-infrared batch: the sum over modalities has one term, the plain mean over the batch
+    logits = torch.randn(5, 4, generator=seeded(13))
+    labels = torch.tensor([0, 3, 1, 1, 2])
+    got = per_modality_identity_loss(logits, labels, torch.ones(5, dtype=torch.long), 0.0)
+    assert got.item() == pytest.approx(_mean_ce(logits, labels, list(range(5))), rel=1e-6)
+
+
+def test_per_modality_identity_loss_with_unequal_groups():
+    # groups of 2, 3 and 4 images: each group's own mean (with equal sizes the sum of the
+    # complements' means would coincide with it)
+    logits = torch.randn(9, 3, generator=seeded(14))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    groups = torch.tensor([2, 0, 1, 1, 2, 2, 0, 1, 2])
+    expected = sum(_mean_ce(logits, labels, _rows(groups, g)) for g in range(3))
+    assert per_modality_identity_loss(logits, labels, groups, 0.0).item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_per_modality_identity_loss_sums_modality_means():
     logits = torch.randn(7, 4, generator=seeded(5))
     labels = torch.tensor([0, 1, 2, 0, 1, 3, 2])
@@ -246,6 +271,33 @@ def test_training_outputs_are_gap_and_bnneck():
     torch.testing.assert_close(out["logits"], bn_feat @ model.neck.classifier.weight.t(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out["fused"], fused, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["fused_logits"], fused @ model.fused_classifier.weight.t(), rtol=1e-4, atol=1e-6)
+
+
+def test_part_weights_and_fusion_with_fewer_parts_than_rows():
+    # P = 2 stripes of the 4-row feature map: rows 0-1 and 2-3, scored, softmax over the 2 parts (Eq. 5-7)
+    images, modality, _ = _batch()
+    model = _tiny(num_parts=2)
+    with torch.no_grad():
+        out = model(images, modality)
+        fmap, _, bn_feat = _independent_forward(model, images, modality)
+        assert fmap.shape[2] == 4
+        lin1, lin2 = model.local.score[0], model.local.score[2]
+        for b in range(len(images)):
+            parts = [fmap[b, :, 2 * p:2 * p + 2].mean(dim=(1, 2)) for p in range(2)]
+            scores = [lin2(torch.relu(lin1(f))).item() for f in parts]
+            w = [math.exp(s) / sum(math.exp(t) for t in scores) for s in scores]
+            assert out["part_weights"][b].tolist() == pytest.approx(w, rel=1e-5)
+            torch.testing.assert_close(out["fused"][b], bn_feat[b] + w[0] * parts[0] + w[1] * parts[1],
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_fused_classifier_is_bias_free_with_small_normal_init():
+    # as the BNNeck classifier: N(0, 0.001^2) weights, no bias
+    model = _tiny()
+    weight = model.fused_classifier.weight
+    assert model.fused_classifier.bias is None
+    assert weight.std().item() == pytest.approx(0.001, rel=0.1)
+    assert weight.mean().abs().item() < 2e-4
 
 
 def _expected_total(out, labels, modality, *, baseline=1.0, fusion=1.1, affinity=1.5, margin=1.0,

@@ -154,6 +154,15 @@ def test_semantic_aligned_pooling_matches_loops(position_in_values):
     np.testing.assert_allclose(_np(parts), ref_parts, rtol=1e-5, atol=1e-6)
 
 
+def test_semantic_aligned_pooling_default_adds_position_to_the_values():
+    module = SemanticAlignedPooling(dim=4, num_parts=2, map_size=(3, 2))      # default: the paper's Eq. 2
+    fmap = torch.randn(2, 4, 3, 2, generator=seeded(12))
+    parts, _, _ = module(fmap)
+    args = (_np(fmap), _np(module.prototypes), _np(module.position))
+    np.testing.assert_allclose(_np(parts), _reference_safl(*args, True)[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(_np(parts), _reference_safl(*args, False)[0], rtol=1e-3, atol=1e-4)
+
+
 def test_masks_are_independent_sigmoids_not_a_softmax():
     # Eq. 1 is an element-wise sigmoid: one prototype may claim every position, and a position
     # may belong to several prototypes (a softmax over either axis would make sums equal 1).
@@ -219,6 +228,39 @@ def test_other_input_size_resizes_position_embedding_bilinearly():
     with torch.no_grad():
         out = model(torch.randn(2, 3, 96, 48), torch.tensor([0, 1]))
     assert out["feat"].shape == (2, 512 * 8)
+
+
+def test_position_embedding_at_the_configured_size_is_e_itself():
+    # no resampling pass at the configured size: the (n, C) view reads the parameter's own storage
+    module = SemanticAlignedPooling(dim=3, num_parts=2, map_size=(4, 2))
+    embedding = module.position_embedding(4, 2)
+    assert embedding.data_ptr() == module.position.data_ptr()
+    assert embedding.shape == (8, 3) and embedding[5, 1].item() == module.position[1, 2, 1].item()
+
+
+def test_position_embedding_size_follows_the_last_stride():
+    # last stride 2: a 64 x 32 input gives a 2 x 1 map (five halvings), the embedding matches it
+    model = tiny_model("saai", SAAIModel, {"image_size": [64, 32]}, last_stride=2)
+    with torch.no_grad():
+        fmap = model.backbone(torch.randn(1, 3, 64, 32), torch.tensor([0]))
+    assert tuple(fmap.shape[2:]) == (2, 1)
+    assert tuple(model.parts.position.shape) == (512, 2, 1)
+
+
+def test_pretrained_weights_reach_both_stems(tmp_path):
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    from vireid.models.registry import create_model
+
+    torch.manual_seed(3)
+    reference = ResNet(BasicBlock, [1, 1, 1, 1])
+    torch.save(reference.state_dict(), tmp_path / "resnet10.pth")
+    cfg = ModelConfig(method="saai", backbone="resnet10", pretrained=str(tmp_path / "resnet10.pth"),
+                      params={"image_size": [64, 32]})
+    model = create_model(cfg, num_classes=4)
+    for stream in model.backbone.streams:
+        torch.testing.assert_close(stream[0][0].weight, reference.conv1.weight)
+    torch.testing.assert_close(model.backbone.shared[-1][0].conv1.weight, reference.layer4[0].conv1.weight)
 
 
 def test_parameter_initialisation_scales():
@@ -441,6 +483,23 @@ def test_total_loss_matches_independent_computation(params):
     assert total.item() == pytest.approx(_reference_total(model, images, modality, labels), rel=1e-4)
     assert ("pd" in logs) == (model.params.diversity_weight > 0)
     assert ("cs" in logs) == (model.params.separation_weight > 0)
+
+
+def test_public_code_anchors_use_the_configured_stride():
+    # batch_stride with k = 2: anchor rows 0, 2, 4, 6 (ids 0, 1, 0, 2); the default k = 8 would use row 0 only.
+    # rho2 = 12 exceeds the centre gaps (about 10 to 11.3 here), so every anchor's hinge is active.
+    model = _tiny(separation_anchors="batch_stride", separation_stride=2, rho2=12.0)
+    images, modality, labels = _batch()
+    out = model(images, modality)
+    total, logs = model.compute_loss(out, labels, modality)
+    feat, logits, masks = out["feat"].detach(), _np(out["logits"]), _np(out["masks"])
+    identity = _reference_cross_entropy(logits, labels.numpy())
+    separation = _public_code_separation(feat, labels, 2, 0.01, 12.0)
+    assert separation != pytest.approx(_public_code_separation(feat, labels, 8, 0.01, 12.0), rel=1e-3)
+    diversity = _reference_diversity(masks, rms=False)
+    assert logs["id"].item() == pytest.approx(identity, rel=1e-5)
+    assert logs["cs"].item() == pytest.approx(separation, rel=1e-5)
+    assert total.item() == pytest.approx(identity + separation + 0.5 * diversity, rel=1e-5)
 
 
 def test_losses_use_the_pre_bn_descriptor_and_the_prototype_masks():
