@@ -4,6 +4,7 @@ the test-time transfer modes on feature files."""
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,15 @@ from vireid.evaluation.evaluator import evaluate_features, evaluate_ranked_lists
 from vireid.features import FeatureSet
 from vireid.losses.adversarial import projection_adversarial_loss
 from vireid.models import ModelConfig, create_model
-from vireid.models.methods.ssft import SSFTModel, SSFTParams, cross_modality_precision, ssft_distance
+from vireid.models.methods.ssft import (
+    SharedSpecificBackbone,
+    SSFTModel,
+    SSFTParams,
+    SubPixelDecoder,
+    _transfer_inputs,
+    cross_modality_precision,
+    ssft_distance,
+)
 from vireid.models.methods.ssft_transfer import (
     SharedSpecificTransfer,
     affinity,
@@ -190,6 +199,7 @@ def _transfer_module(dim=4, out=5, seed=14) -> SharedSpecificTransfer:
     module.neck.bn.running_var.copy_(torch.rand(out, generator=seeded(seed + 1)) + 0.5)
     module.neck.bn.weight.data.copy_(torch.rand(out, generator=seeded(seed + 2)) + 0.5)
     module.neck.bn.bias.data.copy_(torch.randn(out, generator=seeded(seed + 3)) * 0.1)
+    module.neck.bn.eps = 0.05          # not the default 1e-5: T must use the neck's own eps
     return module
 
 
@@ -762,3 +772,196 @@ def test_finalize_names_every_unknown_option_and_accepts_k_1():
     with pytest.raises(InputError, match=r"unknown depth, neighbours \(mode, k, amplify, knn\)"):
         model.finalize_features(fs, neighbours=3, depth=2)
     assert model.finalize_features(fs, k=1, knn="exact").meta["ssft"]["k"] == 1
+
+
+# ---------------------------------------------------------------------------- architecture by hand
+def _pixel_shuffle_by_loop(x: torch.Tensor) -> torch.Tensor:
+    """Sub-pixel ×2 by index: out[c, 2y + dy, 2x + dx] = x[4c + 2dy + dx, y, x]."""
+    n, c4, h, w = x.shape
+    out = torch.zeros(n, c4 // 4, 2 * h, 2 * w, dtype=x.dtype)
+    for c in range(c4 // 4):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                out[:, c, dy::2, dx::2] = x[:, 4 * c + 2 * dy + dx]
+    return out
+
+
+def test_sub_pixel_decoder_by_hand():
+    """§4.1: 4 sub-pixel layers of 64 channels (3×3 'same' conv to 4c, shuffle ×2), ReLU between, 3 out."""
+    default = SubPixelDecoder(10)
+    convs = [m for m in default.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [4 * 64] * 3 + [4 * 3] and convs[0].in_channels == 10
+    torch.manual_seed(5)
+    decoder = SubPixelDecoder(5, channels=3, layers=2)
+    first, last = [m for m in decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    x = torch.randn(2, 5, 3, 2, generator=seeded(50))
+    hidden = F.relu(_pixel_shuffle_by_loop(F.conv2d(x, first.weight, first.bias, padding=1)))
+    expected = _pixel_shuffle_by_loop(F.conv2d(hidden, last.weight, last.bias, padding=1))
+    with torch.no_grad():
+        got = decoder(x)
+    assert got.shape == (2, 3, 12, 8)                 # 3×2 map, two ×2 layers
+    torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-4)
+    assert (got < 0).any()                            # no ReLU after the last layer
+
+
+def test_modality_discriminator_is_three_linear_layers_with_relu_between():
+    model = _tiny(discriminator_hidden=5)     # built here (the default model is cached)
+    h = torch.randn(6, 512, generator=seeded(51))
+    l1, l2, l3 = [m for m in model.discriminator if isinstance(m, torch.nn.Linear)]
+    expected = h
+    for layer, relu in ((l1, True), (l2, True), (l3, False)):
+        expected = expected @ layer.weight.detach().t() + layer.bias.detach()
+        expected = expected.clamp(min=0) if relu else expected
+    with torch.no_grad():
+        torch.testing.assert_close(model.discriminator(h), expected, atol=1e-5, rtol=1e-4)
+    assert l1.out_features == l2.out_features == 5    # discriminator_hidden
+
+
+def test_backbone_streams_follow_the_number_of_modalities():
+    default = SharedSpecificBackbone("resnet10", "layer2", 1, None)
+    assert len(default.low.streams) == 2 and len(default.specific) == 2
+
+    class ThreeModalities(SSFTModel):
+        num_modalities = 3
+
+    cfg = ModelConfig(method="ssft", backbone="resnet10", pretrained=None, split="layer2")
+    model = ThreeModalities(cfg, SSFTParams(discriminator_hidden=4, decoder_channels=2, decoder_layers=1), 4)
+    assert len(model.backbone.low.streams) == 3 and len(model.backbone.specific) == 3
+    assert len(model.decoders) == 3 and len(model.projections) == 3
+
+
+def test_last_stride_and_split_shape_the_conv2_streams():
+    """64×32 images: stem /4, layer2 /2, layer3 /2 give 4×2; layer4 keeps it (stride 1) or halves it."""
+    images, modality, _ = random_batch(64, 32, modality=[0, 1], labels=[0, 1])
+    params = {"discriminator_hidden": 4, "decoder_channels": 2, "decoder_layers": 1}
+    for last_stride, size in ((1, (4, 2)), (2, (2, 1))):
+        model = tiny_model("ssft", SSFTModel, params, split="layer2", last_stride=last_stride).eval()
+        with torch.no_grad():
+            shared_map, specific_map = model.backbone(images, modality)
+        assert tuple(shared_map.shape[-2:]) == size and tuple(specific_map.shape[-2:]) == size
+    late = tiny_model("ssft", SSFTModel, params, split="layer3")   # Conv2 = layer4 alone
+    assert len(late.backbone.low.shared) == 1 and len(late.backbone.low.streams[0]) == 4
+
+
+def test_pretrained_weights_file_reaches_every_stream(tmp_path):
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(3)
+    reference = ResNet(BasicBlock, [1, 1, 1, 1])
+    torch.save(reference.state_dict(), tmp_path / "resnet10.pth")
+    cfg = ModelConfig(method="ssft", backbone="resnet10", pretrained=str(tmp_path / "resnet10.pth"), split="layer2",
+                      params={"discriminator_hidden": 4, "decoder_channels": 2, "decoder_layers": 1})
+    model = create_model(cfg, num_classes=4)
+    backbone = model.backbone
+    for m in (0, 1):
+        torch.testing.assert_close(backbone.low.streams[m][0][0].weight, reference.conv1.weight)
+        torch.testing.assert_close(backbone.specific[m][-1][0].conv1.weight, reference.layer4[0].conv1.weight)
+    torch.testing.assert_close(backbone.low.shared[-1][0].conv1.weight, reference.layer4[0].conv1.weight)
+
+
+# ---------------------------------------------------------------------------- test time by hand
+def _dense_transfer(model, shared, specific, modality, k):
+    """All-queries SSTN by dense formulas: T = normalised BN_eval(ReLU(D^-½ A D^-½ Z W)) (Eq. 5-11)."""
+    adjacency = _dense_topk_graph(shared, specific, modality, k)
+    hidden = _dense_propagation(adjacency, _pad(shared, specific, modality), model.transfer.projection.weight.detach())
+    return _bn_eval(model.transfer.neck, hidden).detach()
+
+
+def _side(fs, side, rows=None):
+    arrays = [torch.from_numpy(np.asarray(fs.extras[f"{side}_{name}"], dtype=np.float32))
+              for name in ("shared", "specific", "modality")]
+    return [a if rows is None else a[rows] for a in arrays]
+
+
+def test_distance_function_defaults_to_the_all_queries_transfer():
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    model.eval()
+    (qs, qp, qm), (gs, gp, gm) = _side(fs, "query"), _side(fs, "gallery")
+    t = _dense_transfer(model, torch.cat([qs, gs]), torch.cat([qp, gp]), torch.cat([qm, gm]).long(), k=2)
+    expected = -(t[:4] @ t[4:].t()).numpy()
+    np.testing.assert_allclose(ssft_distance(model)(fs), expected, atol=1e-5)
+
+
+def test_gallery_only_trials_give_each_trial_its_own_query_rows():
+    """Trial indices on the gallery only (every query in every trial): each trial's graph has all
+    queries, so the output repeats the query rows per trial."""
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    fs.trial_gallery_index = np.array([[0, 1, 2, 3, -1], [1, 2, 3, 4, 5]])
+    out = model.finalize_features(fs, knn="exact")
+    assert out.trial_query_index.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and out.query_feat.shape[0] == 8
+    qs, qp, qm = _side(fs, "query")
+    for t, g_rows in enumerate(([0, 1, 2, 3], [1, 2, 3, 4, 5])):
+        gs, gp, gm = _side(fs, "gallery", g_rows)
+        expected = _dense_transfer(model, torch.cat([qs, gs]), torch.cat([qp, gp]), torch.cat([qm, gm]).long(), k=2)
+        got = out.trial(t)
+        np.testing.assert_allclose(got.query_feat, expected[:4].numpy(), atol=1e-5)
+        np.testing.assert_allclose(got.gallery_feat, expected[4:].numpy(), atol=1e-5)
+
+
+def test_transfer_inputs_are_float32_features_and_int64_modality():
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    fs.extras["query_shared"] = fs.extras["query_shared"].astype(np.float64)
+    shared, specific, modality = _transfer_inputs(fs, "query")
+    assert shared.dtype == specific.dtype == torch.float32 and modality.dtype == torch.int64
+    assert modality.tolist() == [1, 1, 1, 1] and shared.shape == (4, 512)
+
+
+def test_unknown_knn_method_is_refused_in_every_mode():
+    model = _tiny()
+    fs = _feature_set(model, trials=True)
+    for mode in ("all", "single"):
+        with pytest.raises(InputError, match="unknown knn method 'nope'"):
+            model.finalize_features(fs, mode=mode, knn="nope")
+        with pytest.raises(InputError, match="unknown knn method 'nope'"):
+            model.transfer_distance(fs.trial(0), mode, knn="nope")
+    x = np.random.default_rng(2).normal(size=(4, 3)).astype(np.float32)
+    with pytest.raises(InputError, match="unknown knn method 'nope'"):
+        searched_neighbours(x, x, np.array([0, 0, 1, 1]), k=1, knn_method="nope")
+
+
+def test_single_mode_ranks_tied_gallery_rows_in_gallery_order():
+    """20 gallery rows, two people each seen 10 times (identical features): every query sees two
+    distances, each 10 times; the ranking keeps the tied rows in gallery order."""
+    model = _tiny()
+    rng = np.random.default_rng(7)
+    people = rng.normal(size=(2, 2, 512)).astype(np.float32)          # (person, shared/specific, d)
+    gallery = people[np.arange(20) % 2]
+    q = rng.normal(size=(3, 2, 512)).astype(np.float32)
+    extras = {"query_shared": q[:, 0], "query_specific": q[:, 1], "query_modality": np.ones(3, np.float32),
+              "gallery_shared": gallery[:, 0], "gallery_specific": gallery[:, 1],
+              "gallery_modality": np.zeros(20, np.float32)}
+    fs = FeatureSet(q[:, 0], gallery[:, 0], np.arange(3), np.arange(20) % 2, np.full(3, 3), np.full(20, 1),
+                    extras=extras)
+    out = model.finalize_features(fs, mode="single", knn="exact")
+    dist = model.transfer_distance(fs, "single", knn="exact")
+    for row in range(3):
+        assert len(np.unique(dist[row])) == 2
+        expected = sorted(range(20), key=lambda j: (dist[row, j], j))
+        assert out.extras["ranked_index"][row].tolist() == expected
+
+
+def test_batch_neighbours_of_a_single_modality_batch():
+    shared, specific = torch.randn(5, 3, generator=seeded(52)), torch.randn(5, 3, generator=seeded(53))
+    modality = torch.zeros(5, dtype=torch.long)
+    index, weight = batch_neighbours(shared, specific, modality, k=2)
+    assert index.shape == (5, 2)
+    rebuilt = torch.zeros(5, 5, dtype=torch.float64).scatter_(1, index, weight.double())
+    torch.testing.assert_close(rebuilt, _dense_topk_graph(shared, specific, modality, k=2), atol=1e-5, rtol=1e-5)
+
+
+def test_error_messages_name_the_keys_and_the_way_out():
+    model = _tiny()
+    fs = _feature_set(model, trials=False)
+    del fs.extras["query_shared"], fs.extras["query_specific"]
+    message = ("cm-SSFT test-time transfer needs key(s) query_shared, query_specific in the feature file "
+               "(extract it with a cm-SSFT checkpoint)")
+    with pytest.raises(InputError, match=re.escape(message)):
+        model.finalize_features(fs)
+    plain = _tiny(transfer_content="none", test_mode="shared")
+    message = ("cm-SSFT test mode 'single' needs the SSTN, but this model was trained with transfer_content=none: "
+               "use mode=shared")
+    with pytest.raises(InputError, match=re.escape(message)):
+        plain.finalize_features(_feature_set(plain, trials=False), mode="single")

@@ -133,9 +133,6 @@ class SharedSpecificBackbone(nn.Module):
         super().__init__()
         self.low = TwoStreamBackbone(name, split=split, last_stride=last_stride, pretrained=pretrained,
                                      num_modalities=num_modalities)
-        if len(self.low.shared) == 0:
-            raise InputError(f"model.split: cm-SSFT needs stages after {split!r} for its two Conv2 streams "
-                             "(the paper splits after layer2)")
         self.specific = nn.ModuleList(copy.deepcopy(self.low.shared) for _ in range(num_modalities))
         self.out_channels = self.low.out_channels
 
