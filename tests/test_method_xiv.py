@@ -317,6 +317,18 @@ def test_trains_inside_the_trainers_sorted_modality_layout(x_modality: bool):
     assert torch.isfinite(model.compute_loss(out, labels, modality)[0])
 
 
+@pytest.mark.parametrize("x_modality", [False, True])
+def test_training_indices_live_on_the_images_device(x_modality: bool):
+    """forward builds its index tensors on the images' device, not on torch's default device (the
+    CPU stand-in for GPU training: a default device elsewhere must not leak into the outputs)."""
+    model = _tiny(x_modality=x_modality)
+    images, modality, _ = _batch()
+    with torch.device("meta"):
+        out = model(images, modality)
+    assert {value.device.type for value in out.values()} == {"cpu"}
+    assert out["source_index"].tolist() == list(range(12)) + (_rows(modality, VIS) if x_modality else [])
+
+
 def test_extract_gives_x_features_of_visible_images_only():
     model = _tiny().eval()
     images, modality, _ = _batch()
@@ -344,6 +356,16 @@ def test_euclidean_distance_hand_worked():
     q = np.array([[3.0, 0.0]])
     g = np.array([[0.0, 5.0], [2.0, 0.0], [-1.0, 0.0]])
     np.testing.assert_allclose(euclidean_distance(q, g, dtype=np.float64), [[math.sqrt(2), 0.0, 2.0]], atol=1e-12)
+
+
+def test_euclidean_distance_of_a_feature_to_itself_is_zero_not_nan():
+    # In float32 the normalised all-ones vector of dimension 7 has a self-cosine that rounds to
+    # 1.0000001, so 2 - 2 cos is slightly negative: it must be clamped to 0 before the square root.
+    q = np.ones((1, 7))
+    g = np.array([[1.0] * 7, [1.0] + [0.0] * 6])
+    got = euclidean_distance(q, g)
+    assert got.dtype == np.float32 and got[0, 0] == 0.0
+    assert got[0, 1] == pytest.approx(math.sqrt(2 - 2 / math.sqrt(7)), rel=1e-6)
 
 
 def test_xiv_distance_is_eq2_euclidean_and_an_evaluator_distance():
