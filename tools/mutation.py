@@ -56,7 +56,7 @@ DEFAULT_EQUIVALENT = REPO / "tools" / "mutation_equivalent.txt"
 PACKAGES = {"losses": "src/vireid/losses", "methods": "src/vireid/models/methods", "retrieval": "src/vireid/retrieval"}
 
 _RERANK_TESTS = ("tests/test_rerank_golden.py", "tests/test_rerank_paper.py", "tests/test_rerank_exact.py",
-                 "tests/test_ranked.py")
+                 "tests/test_ranked.py", "tests/test_rerank_mutants.py")
 #: source file -> the test files that should kill its mutants.
 MAPPING: dict[str, tuple[str, ...]] = {
     "src/vireid/losses/__init__.py": ("tests/test_losses.py",),
@@ -79,13 +79,16 @@ MAPPING: dict[str, tuple[str, ...]] = {
     "src/vireid/retrieval/aim.py": _RERANK_TESTS,
     "src/vireid/retrieval/sim.py": _RERANK_TESTS,
     "src/vireid/retrieval/kreciprocal.py": _RERANK_TESTS,
-    "src/vireid/retrieval/exact.py": ("tests/test_rerank_exact.py", "tests/test_rerank_paper.py"),
+    "src/vireid/retrieval/exact.py": ("tests/test_rerank_exact.py", "tests/test_rerank_paper.py",
+                                      "tests/test_rerank_units.py", "tests/test_retrieval_mutants.py"),
     "src/vireid/retrieval/api.py": ("tests/test_rerank_paper.py", "tests/test_rerank_exact.py",
-                                    "tests/test_cli_rerank.py"),
+                                    "tests/test_cli_rerank.py", "tests/test_rerank_units.py",
+                                    "tests/test_retrieval_mutants.py"),
     "src/vireid/retrieval/presets.py": ("tests/test_rerank_paper.py", "tests/test_rerank_exact.py",
-                                        "tests/test_cli_rerank.py"),
-    "src/vireid/retrieval/graph.py": ("tests/test_knn.py", "tests/test_ranked.py"),
-    "src/vireid/retrieval/knn.py": ("tests/test_knn.py", "tests/test_ranked.py"),
+                                        "tests/test_cli_rerank.py", "tests/test_rerank_units.py",
+                                        "tests/test_retrieval_mutants.py"),
+    "src/vireid/retrieval/graph.py": ("tests/test_knn.py", "tests/test_ranked.py", "tests/test_knn_mutants.py"),
+    "src/vireid/retrieval/knn.py": ("tests/test_knn.py", "tests/test_ranked.py", "tests/test_knn_mutants.py"),
     "src/vireid/retrieval/ranked.py": ("tests/test_ranked.py",),
     "src/vireid/retrieval/synthetic.py": ("tests/test_rerank_paper.py", "tests/test_cli_rerank.py"),
     "src/vireid/retrieval/gallery_state.py": ("tests/test_single_query.py", "tests/test_index.py"),
@@ -200,7 +203,7 @@ def prepare_workdir(workdir: Path, files: Sequence[str], tests: Sequence[str]) -
         f"pytest_add_cli_args_test_selection = {json.dumps(list(tests))}",
         'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider"]',
         'process_isolation = "forkserver"',
-        'also_copy = ["configs"]',  # tests train from the tiny configs
+        'also_copy = ["configs", "docs"]',  # tests train from the tiny configs, check the documented tables
         "use_git_change_detection = false",
     ]) + "\n"
     pyproject.write_text(text, encoding="utf-8")

@@ -65,8 +65,8 @@ def shared_mass(left: sp.csr_matrix, right_columns: sp.csc_matrix) -> sp.csr_mat
     num_left, num_right = left.shape[0], right_columns.shape[0]
     col_ptr = right_columns.indptr
     per_entry = col_ptr[left.indices + 1] - col_ptr[left.indices]
-    per_row = np.add.reduceat(per_entry, left.indptr[:-1]) if len(per_entry) else np.zeros(num_left, np.int64)
-    per_row[np.diff(left.indptr) == 0] = 0
+    per_row = np.bincount(np.repeat(np.arange(num_left), np.diff(left.indptr)), weights=per_entry,
+                          minlength=num_left).astype(np.int64)  # empty rows (first, last, any) give 0
     parts = []
     start = 0
     while start < num_left:

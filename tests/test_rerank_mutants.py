@@ -1,0 +1,215 @@
+"""Re-ranker cases the other re-ranking tests leave open: the documented defaults, the names in the
+input errors, k = 1 neighbour lists, local expansion onto fewer rows and a gallery feature too short
+to normalise, each checked against a plain loop or a hand-worked value."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from vireid.errors import InputError
+from vireid.retrieval import rerank
+from vireid.retrieval.kreciprocal import krr, local_expansion, pool_neighbours
+from vireid.retrieval.sim import mnnr, sgr, sim
+
+
+def _features(n: int, d: int, seed: int) -> np.ndarray:
+    """Clustered features (8 identities), float64, not normalised."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(8, d))
+    return centres[rng.integers(0, 8, size=n)] + 0.6 * rng.normal(size=(n, d))
+
+
+@pytest.fixture(scope="module")
+def features() -> tuple[np.ndarray, np.ndarray]:
+    """30 queries, 44 gallery items: more than k_graph = kg = 20 (+1) gallery items."""
+    return _features(30, 12, seed=11), _features(44, 12, seed=12)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _euclid(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.array([[np.sqrt(np.sum((u - v) ** 2)) for v in b] for u in a])
+
+
+def _nearest(row: np.ndarray, k: int) -> list[int]:
+    return [int(j) for j in np.argsort(row, kind="stable")[:k]]
+
+
+def _loop_sgr(q: np.ndarray, g: np.ndarray, lam: float, K: int, k_graph: int) -> np.ndarray:
+    """SIM Eq. 1–5, one pair at a time: mean of the K shortest q → g_n → g_j, n among g_j's k_graph nearest."""
+    d_qg, d_gg = _euclid(_unit(q), _unit(g)), _euclid(_unit(g), _unit(g))
+    out = np.empty_like(d_qg)
+    for j in range(len(g)):
+        hood = _nearest(d_gg[j], k_graph)
+        for i in range(len(q)):
+            out[i, j] = np.mean(sorted(d_qg[i, n] + lam * d_gg[j, n] for n in hood)[:K])
+    return out
+
+
+def _k_reciprocal(d: np.ndarray, i: int, k: int) -> set[int]:
+    return {j for j in _nearest(d[i], k + 1) if i in _nearest(d[j], k + 1)}
+
+
+def _loop_mnnr(q: np.ndarray, g: np.ndarray, kq: int, kg: int, alpha: float) -> np.ndarray:
+    """SIM Eq. 6–8: α·d + (1 − α)(1 − |N ∩ R*| / |N ∪ R*|), N the query's kq nearest gallery items,
+    R* the gallery item's kg-reciprocal set grown by each member's round(kg/2)-reciprocal set when more
+    than 2/3 of it lies inside."""
+    d_qg, d_gg = _euclid(_unit(q), _unit(g)), _euclid(_unit(g), _unit(g))
+    sets = []
+    for j in range(len(g)):
+        base = _k_reciprocal(d_gg, j, kg)
+        grown = set(base)
+        for c in base:
+            half = _k_reciprocal(d_gg, c, int(np.around(kg / 2)))
+            if len(half & base) > 2 / 3 * len(half):
+                grown |= half
+        sets.append(grown)
+    out = np.empty_like(d_qg)
+    for i in range(len(q)):
+        near = set(_nearest(d_qg[i], kq))
+        for j in range(len(g)):
+            overlap = len(near & sets[j]) / len(near | sets[j])
+            out[i, j] = alpha * d_qg[i, j] + (1 - alpha) * (1 - overlap)
+    return out
+
+
+def test_sgr_defaults_are_lambda_001_k9_kgraph_20(features: tuple[np.ndarray, np.ndarray]) -> None:
+    q, g = features
+    got = sgr(q, g, dtype=np.float64)
+    np.testing.assert_allclose(got, _loop_sgr(q, g, 0.01, 9, 20), rtol=0, atol=1e-12)
+    # the defaults are visible: one step away in λ or k_graph changes the result
+    assert np.abs(_loop_sgr(q, g, 0.01, 9, 21) - got).max() > 1e-6
+    assert np.abs(_loop_sgr(q, g, 1.01, 9, 20) - got).max() > 1e-3
+
+
+def test_mnnr_defaults_are_kq_12_kg_20_alpha_03(features: tuple[np.ndarray, np.ndarray]) -> None:
+    q, g = features
+    got = mnnr(q, g, dtype=np.float64)
+    np.testing.assert_allclose(got, _loop_mnnr(q, g, 12, 20, 0.3), rtol=0, atol=1e-12)
+    assert np.abs(_loop_mnnr(q, g, 12, 21, 0.3) - got).max() > 1e-6
+
+
+@pytest.mark.parametrize("method", [sgr, mnnr, sim])
+@pytest.mark.parametrize("side", ["query", "gallery"])
+def test_bad_features_error_names_the_side(features: tuple[np.ndarray, np.ndarray], method, side: str) -> None:
+    q, g = features
+    bad = np.zeros((3, 12), dtype=np.int64)
+    args = (bad, g) if side == "query" else (q, bad)
+    with pytest.raises(InputError, match=rf"^{side} features must be a non-empty 2-D float array"):
+        method(*args)
+    nan = (q.copy(), g.copy())[side == "gallery"]
+    nan[1, 2] = np.nan
+    args = (nan, g) if side == "query" else (q, nan)
+    with pytest.raises(InputError, match=rf"^{side} features contains non-finite values$"):
+        method(*args)
+
+
+def test_pool_neighbours_accepts_k_one() -> None:
+    """k = 1: every pool item's list is itself (similarity 1), and Q·Gᵀ is still filled."""
+    pool = _unit(_features(9, 4, seed=5))
+    num_query = 4
+    query_gallery = np.full((num_query, 5), np.nan)
+    graph = pool_neighbours(pool, num_query, 1, query_gallery)
+    np.testing.assert_array_equal(graph.index, np.arange(9)[:, None])
+    np.testing.assert_array_equal(graph.sim, np.ones((9, 1)))
+    want = np.array([[sum(pool[i, t] * pool[num_query + j, t] for t in range(4)) for j in range(5)]
+                     for i in range(num_query)])
+    np.testing.assert_allclose(query_gallery, want, rtol=0, atol=1e-15)
+    with pytest.raises(InputError, match=r"k=0 must lie in \[1, 9\]"):
+        pool_neighbours(pool, num_query, 0, query_gallery)
+
+
+def test_local_expansion_onto_fewer_rows_than_the_vectors() -> None:
+    """Zhong Eq. 11 for 2 rows averaging rows of a 4-row matrix; row 3 is nobody's neighbour."""
+    dense = np.array([[0.5, 0.0, 0.2, 0.0, 0.0],
+                      [0.0, 1.0, 0.0, 0.0, 0.3],
+                      [0.4, 0.0, 0.0, 0.7, 0.0],
+                      [0.0, 0.0, 0.9, 0.0, 0.1]])
+    neighbours = np.array([[0, 1], [2, 1]])
+    got = local_expansion(sp.csr_matrix(dense), neighbours)
+    want = np.array([[(dense[0, c] + dense[1, c]) / 2 for c in range(5)],
+                     [(dense[2, c] + dense[1, c]) / 2 for c in range(5)]])
+    assert got.shape == (2, 5)
+    np.testing.assert_allclose(got.toarray(), want, rtol=0, atol=1e-15)
+    assert got.has_sorted_indices
+
+
+def _loop_krr_paper(d_qg: np.ndarray, d_gg: np.ndarray, k1: int, k2: int, lam: float) -> np.ndarray:
+    """Zhong Eq. 3–12, pool G ∪ {p} per probe p (docs/reranking.md, paper column), from the distances."""
+    half = int(np.around(k1 / 2))
+    radius = np.sort(d_gg, axis=1)                      # radius[g, k]: g's k-th nearest other item
+
+    def expanded(j: int) -> set[int]:
+        base = _k_reciprocal(d_gg, j, k1)
+        grown = set(base)
+        for c in base:
+            hood = _k_reciprocal(d_gg, c, half)
+            if len(hood & base) > 2 / 3 * len(hood):
+                grown |= hood
+        return grown
+
+    def mean(vectors: list[dict[int, float]]) -> dict[int, float]:
+        keys = set().union(*vectors)
+        return {m: sum(v.get(m, 0.0) for v in vectors) / len(vectors) for m in keys}
+
+    def jaccard(a: dict[int, float], b: dict[int, float]) -> float:
+        keys = set(a) | set(b)
+        return 1 - (sum(min(a.get(m, 0.0), b.get(m, 0.0)) for m in keys)
+                    / sum(max(a.get(m, 0.0), b.get(m, 0.0)) for m in keys))
+
+    base = [{m: np.exp(-d_gg[j, m]) for m in expanded(j)} for j in range(len(d_gg))]
+    gallery = [mean([base[n] for n in _nearest(d_gg[j], k2)]) for j in range(len(d_gg))]
+    out = np.empty_like(d_qg)
+    for i in range(len(d_qg)):
+        near = _nearest(d_qg[i], k1)
+        reciprocal = {n for n in near if d_qg[i, n] < radius[n, k1]}
+        grown = set(reciprocal)
+        for c in reciprocal:
+            hood = _k_reciprocal(d_gg, c, half)
+            probe_inside = c in near[:half] and d_qg[i, c] < radius[c, half]
+            if len(hood & reciprocal) + probe_inside >= 2 / 3 * (len(hood) + probe_inside):
+                grown |= hood
+        probe = mean([{m: np.exp(-d_qg[i, m]) for m in grown}] + [base[n] for n in near[:k2 - 1]])
+        for j in range(len(d_gg)):
+            out[i, j] = (1 - lam) * jaccard(probe, gallery[j]) + lam * d_qg[i, j]
+    return out
+
+
+def test_krr_paper_gallery_item_is_its_own_nearest_even_when_too_short_to_normalise() -> None:
+    """A gallery feature of norm < 1e-12 is scaled by 1e12 (``x / max(‖x‖, 1e-12)``), not to unit
+    length: its computed self-similarity (0.01 here) is below its similarity to others, yet its
+    distance to itself is 0, so it stays first in its own neighbour list (d = sqrt(2 − 2s) elsewhere)."""
+    rng = np.random.default_rng(0)
+    centres = np.abs(rng.normal(size=(4, 6))) + 0.5
+    q = centres[rng.integers(0, 4, 8)] + 0.3 * rng.normal(size=(8, 6))
+    g = np.concatenate([centres[rng.integers(0, 4, 20)] + 0.3 * rng.normal(size=(20, 6)),
+                        1e-13 * centres[:1] / np.linalg.norm(centres[0])])
+    qn = _unit(q)
+    gn = np.concatenate([_unit(g[:-1]), g[-1:] / 1e-12])
+    assert abs(np.linalg.norm(gn[-1]) - 0.1) < 1e-12
+
+    def dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.maximum(2 - 2 * np.array([[u @ v for v in b] for u in a]), 0))
+
+    d_gg = dist(gn, gn)
+    np.fill_diagonal(d_gg, 0.0)
+    for k1, k2 in [(4, 3), (8, 4)]:
+        got = krr(q, g, k1=k1, k2=k2, lam=0.3, variant="paper", dtype=np.float64)
+        np.testing.assert_allclose(got, _loop_krr_paper(dist(qn, gn), d_gg, k1, k2, 0.3), rtol=0, atol=1e-12)
+
+
+def test_krr_paper_survives_a_last_query_with_no_reciprocal_neighbour() -> None:
+    """A query whose probe vector is empty (an outlier, k2 = 1) may come last in its block: the
+    result equals the one with the queries in the other order, row for row."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 8))
+    gallery = np.repeat(centres, 5, axis=0) + 0.01 * rng.normal(size=(20, 8))
+    queries = np.concatenate([gallery[:1] + 0.01, rng.normal(size=(1, 8))])
+    params = {"k1": 3, "k2": 1}
+    forward = rerank("krr", queries, gallery, variant="paper", params=params)
+    backward = rerank("krr", queries[::-1].copy(), gallery, variant="paper", params=params)
+    np.testing.assert_allclose(forward, backward[::-1], atol=1e-6)

@@ -1,0 +1,108 @@
+"""Re-ranking building blocks where the other tests left mutants alive: output dtypes of the top-k
+graphs against loops, ``plain`` called with its own defaults, and the SIM preset table of
+docs/reranking.md (exact.py, api.py, presets.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vireid.errors import InputError
+from vireid.retrieval import api, exact, presets, resolve_rerank
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _unit_rows(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _loop_similarity(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(rows), len(columns)))
+    for i, a in enumerate(rows.astype(np.float64)):
+        for j, b in enumerate(columns.astype(np.float64)):
+            out[i, j] = sum(float(x) * float(y) for x, y in zip(a, b, strict=True))
+    return out
+
+
+@pytest.mark.parametrize("budget", [1 << 22, 20])                     # one block; blocks of 2 rows
+def test_top_k_of_other_rows_keeps_float32(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    monkeypatch.setattr(exact, "BLOCK_ELEMENTS", budget)
+    rows, columns = _unit_rows(7, 3, 0), _unit_rows(9, 3, 1)          # 7 rows of dimension 3: n != d
+    full = _loop_similarity(rows, columns)
+    got = exact.top_k_neighbours(rows, columns, 4, self_graph=False)
+    assert got.sim.dtype == np.float32 and got.min_sim.dtype == np.float32 and got.index.dtype == np.int64
+    for i in range(7):
+        want = sorted(range(9), key=lambda j, i=i: -full[i, j])[:4]
+        assert got.index[i].tolist() == want
+        np.testing.assert_allclose(got.sim[i], full[i, want], atol=1e-6)
+        assert got.min_sim[i] == pytest.approx(min(full[i]), abs=1e-6)
+
+
+@pytest.mark.parametrize("self_first", [True, False])
+def test_self_graph_keeps_float32(monkeypatch: pytest.MonkeyPatch, self_first: bool) -> None:
+    monkeypatch.setattr(exact, "BLOCK_ELEMENTS", 24)                  # several row blocks
+    features = _unit_rows(11, 3, 2)
+    full = _loop_similarity(features, features)
+    if self_first:
+        np.fill_diagonal(full, 1.0)                                   # own entry ranks first
+    got = exact.self_top_k_neighbours(features, 3, self_first=self_first)
+    assert got.sim.dtype == np.float32 and got.min_sim.dtype == np.float32
+    for i in range(11):
+        np.testing.assert_allclose(got.sim[i], sorted(full[i], reverse=True)[:3], atol=1e-6)
+        assert got.min_sim[i] == pytest.approx(min(full[i]), abs=1e-6)
+
+
+def test_plain_with_its_default_variant_is_the_negative_cosine() -> None:
+    q = np.array([[3.0, 4.0], [0.0, 2.0]])
+    g = np.array([[1.0, 0.0], [0.0, -5.0], [6.0, 8.0]])
+    got = api.plain(q, g)                                             # variant and dtype left at their defaults
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, [[-0.6, 0.8, -1.0], [0.0, 1.0, -0.8]], atol=1e-7)   # by hand
+    np.testing.assert_array_equal(api.plain(q, g, variant="paper"), got)
+
+
+def _documented_presets() -> dict[str, dict[str, dict[str, float]]]:
+    """docs/reranking.md's preset table: preset -> column ("sgr", "mnnr") -> {name: value}."""
+    text = (REPO / "docs" / "reranking.md").read_text()
+    section = text[text.index("## Presets"):text.index("## Parameters chosen on the validation identities")]
+    header = next(line for line in section.splitlines() if line.startswith("| preset |"))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for line in section.splitlines():
+        match = re.match(r"\| `([\w-]+)`", line)
+        if not match:
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        table[match.group(1)] = {}
+        for column, cell in zip(columns, cells, strict=True):
+            named = re.fullmatch(r"(\w+) \(([^)]*)\)", column)
+            if named and named.group(1) in ("sgr", "mnnr"):
+                names = named.group(2).split(", ")
+                table[match.group(1)][named.group(1)] = dict(zip(names, map(float, cell.split(", ")), strict=True))
+    return table
+
+
+def test_sim_presets_are_the_documented_table() -> None:
+    documented = _documented_presets()
+    assert sorted(documented) == sorted(presets.PRESETS)
+    assert documented["regdb"]["sgr"] == {"lam": 0.1, "K": 5, "k_graph": 20}             # SIM eval_regdb.py
+    assert documented["sysu"]["mnnr"] == {"kq": 12, "kg": 20, "alpha": 0.3}              # SIM Sec. 4.4 / eval_sysu.py
+    for names, columns in ((("lam", "K", "k_graph"), ("sgr",)), (("kq", "kg", "alpha"), ("mnnr",)),
+                           (("lam", "K", "k_graph", "kq", "kg", "alpha"), ("sgr", "mnnr"))):
+        want = {preset: {name: value for column in columns for name, value in documented[preset][column].items()}
+                for preset in presets.PRESETS}
+        assert presets._sim_presets(names) == want, names
+
+
+def test_sim_graph_larger_than_the_gallery_is_named() -> None:
+    """SIM's gallery graph (Algorithm 1 line 4) needs k_graph <= G, as SGR's; kq, kg fit here."""
+    with pytest.raises(InputError, match=re.escape("parameter k_graph=11 of method sim is larger than the gallery "
+                                                   "size (10)")):
+        resolve_rerank("sim", params={"k_graph": 11, "K": 3, "kq": 3, "kg": 3}, num_gallery=10)
+    fits = resolve_rerank("sim", params={"k_graph": 10, "K": 3, "kq": 3, "kg": 3}, num_gallery=10)
+    assert fits.params["k_graph"] == 10
