@@ -21,6 +21,7 @@ from vireid.models.methods.ssft import (
     SSFTModel,
     SSFTParams,
     SubPixelDecoder,
+    _resize_to,
     _transfer_inputs,
     cross_modality_precision,
     ssft_distance,
@@ -965,3 +966,58 @@ def test_error_messages_name_the_keys_and_the_way_out():
                "use mode=shared")
     with pytest.raises(InputError, match=re.escape(message)):
         plain.finalize_features(_feature_set(plain, trials=False), mode="single")
+
+
+# ---------------------------------------------------------------------------- helpers and params, hand-worked
+def test_resize_to_keeps_a_map_already_at_the_size_and_resizes_with_half_pixel_bilinear():
+    for shape in ((1, 2, 3, 4), (2, 3, 4), (3, 4)):             # only the last two dimensions are the size
+        already = torch.arange(float(np.prod(shape))).view(shape)
+        assert _resize_to(already, (3, 4)) is already
+    # 1×2 -> 1×4 with half-pixel centres (align_corners=False): source x = (x + ½)·½ − ½, clamped at the
+    # borders: [-¼, ¼, ¾, 1¼] -> [0, 1, 3, 4] from [0, 4] (align_corners=True would give [0, 4/3, 8/3, 4])
+    got = _resize_to(torch.tensor([[[[0.0, 4.0]]]]), (1, 4))
+    assert got.shape == (1, 1, 1, 4) and got.flatten().tolist() == [0.0, 1.0, 3.0, 4.0]
+
+
+def test_projections_are_bias_free_linear_maps_per_modality():
+    """L_pa's Θ^m (Eq. 15) by a loop: projected_i = W_{m_i} P_i, with no bias term."""
+    model = _tiny()
+    images, modality, _ = _batch()
+    with torch.no_grad():
+        out = model(images, modality)
+    for i, m in enumerate(modality.tolist()):
+        weight = model.projections[m].weight.double()
+        expected = (weight * out["specific"][i].double().unsqueeze(0)).sum(dim=1)   # row r: Σ_c W_rc P_c
+        torch.testing.assert_close(out["projected"][i].double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_layers_param_sets_the_number_of_subpixel_steps():
+    model = _build(decoder_layers=2)
+    for decoder in model.decoders:
+        convs = [m for m in decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+        shuffles = [m for m in decoder.modules() if isinstance(m, torch.nn.PixelShuffle)]
+        assert len(convs) == 2 and len(shuffles) == 2
+        assert [c.out_channels for c in convs] == [4 * 8, 4 * 3]
+        # two ×2 pixel shuffles: a 1×1 map becomes 4×4
+        assert decoder(torch.zeros(1, 2 * 512, 1, 1)).shape == (1, 3, 4, 4)
+
+
+def test_params_validate_messages_in_full():
+    """validate() is also the check for params built in Python (the config loader checks the literal first)."""
+    with pytest.raises(InputError, match="^" + re.escape(
+            "model.params.test_mode must be one of ('all', 'single', 'shared'), got 'every'") + "$"):
+        SSFTParams(test_mode="every").validate()
+    with pytest.raises(InputError, match="^" + re.escape(
+            "model.params.test_mode must be 'shared' when transfer_content is 'none' (no SSTN)") + "$"):
+        SSFTParams(transfer_content="none", test_mode="all").validate()
+
+
+def test_affinity_keeps_small_distances_exact_for_many_rows():
+    """Eq. 7 on near-duplicates at sizes where cdist would switch to the 2 − 2·cos matrix product
+    (more than 25 rows): that loses distances of ~1e-4 to float32 rounding (errors ~3e-4)."""
+    a = torch.randn(40, 64, generator=seeded(21))
+    b = a + 1e-4 * torch.randn(40, 64, generator=seeded(22))
+    got = affinity(a, b).double()
+    for i in range(40):
+        for j in (i, (i + 7) % 40):
+            assert abs(got[i, j].item() - _direct_d(a[i].double(), b[j].double())) < 1e-6

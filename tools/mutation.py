@@ -73,7 +73,7 @@ MAPPING: dict[str, tuple[str, ...]] = {
     "src/vireid/models/methods/saai.py": ("tests/test_method_saai.py",),
     "src/vireid/models/methods/ssft.py": ("tests/test_method_ssft.py",),
     "src/vireid/models/methods/ssft_transfer.py": ("tests/test_method_ssft.py",),
-    "src/vireid/models/methods/ssft_figure.py": ("tests/test_method_ssft_training.py",),
+    "src/vireid/models/methods/ssft_figure.py": ("tests/test_method_ssft_training.py", "tests/test_ssft_figure.py"),
     "src/vireid/models/methods/xiv.py": ("tests/test_method_xiv.py",),
     "src/vireid/retrieval/__init__.py": ("tests/test_rerank_paper.py",),
     "src/vireid/retrieval/aim.py": _RERANK_TESTS,
