@@ -213,3 +213,71 @@ def test_krr_paper_survives_a_last_query_with_no_reciprocal_neighbour() -> None:
     forward = rerank("krr", queries, gallery, variant="paper", params=params)
     backward = rerank("krr", queries[::-1].copy(), gallery, variant="paper", params=params)
     np.testing.assert_allclose(forward, backward[::-1], atol=1e-6)
+
+
+def test_mnnr_with_kq_one_matches_the_loop(features: tuple[np.ndarray, np.ndarray]) -> None:
+    """SIM Eq. 6–8 with N^c(q) = the single nearest gallery item (one entry per query row)."""
+    q, g = features
+    got = mnnr(q, g, kq=1, kg=6, alpha=0.3, variant="paper", dtype=np.float64)
+    np.testing.assert_allclose(got, _loop_mnnr(q, g, 1, 6, 0.3), rtol=0, atol=1e-12)
+
+
+def _unit_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.maximum(2 - 2 * np.array([[u @ v for v in _unit(b)] for u in _unit(a)]), 0))
+
+
+def test_krr_paper_with_k2_two_averages_two_gallery_vectors(features: tuple[np.ndarray, np.ndarray]) -> None:
+    """Zhong Eq. 11 with k2 = 2: each gallery vector is the mean of its own and its nearest neighbour's."""
+    q, g = features
+    d_gg = _unit_distances(g, g)
+    np.fill_diagonal(d_gg, 0.0)
+    got = krr(q, g, k1=6, k2=2, lam=0.3, variant="paper", dtype=np.float64)
+    np.testing.assert_allclose(got, _loop_krr_paper(_unit_distances(q, g), d_gg, 6, 2, 0.3), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", ["query", "gallery"])
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_krr_bad_features_error_names_the_side(features: tuple[np.ndarray, np.ndarray], side: str,
+                                               variant: str) -> None:
+    q, g = features
+    bad = np.zeros((3, 12), dtype=np.int64)
+    args = (bad, g) if side == "query" else (q, bad)
+    with pytest.raises(InputError, match=rf"^{side} features must be a non-empty 2-D float array"):
+        krr(*args, variant=variant)
+
+
+def test_shared_mass_in_many_small_blocks_matches_the_dense_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """m[i, j] = Σ_k min(left[i, k], right[j, k]) with a join budget of 3 pairs, so rows split into
+    many blocks (and rows over the budget stand alone); empty rows first, inside and last."""
+    from vireid.retrieval import kreciprocal
+    monkeypatch.setattr(kreciprocal, "JOIN_ELEMENTS", 3)
+    rng = np.random.default_rng(7)
+    left = rng.random((9, 6)) * (rng.random((9, 6)) < 0.4)
+    left[[0, 4, 8]] = 0.0
+    left[1, :] = rng.random(6) + 0.1
+    right = rng.random((7, 6)) * (rng.random((7, 6)) < 0.5)
+    got = kreciprocal.shared_mass(sp.csr_matrix(left), sp.csr_matrix(right).tocsc())
+    want = np.array([[sum(min(left[i, k], right[j, k]) for k in range(6)) for j in range(7)] for i in range(9)])
+    assert got.shape == (9, 7)
+    np.testing.assert_allclose(got.toarray(), want, rtol=0, atol=1e-15)
+
+
+def test_krr_reference_with_k1_spanning_the_whole_pool() -> None:
+    """k1 + 1 = Q + G: every pool item is in every k1-reciprocal set, so with k2 = 1 the
+    reference result is, densely, V_i = exp(−d²_i/max_i) / Σ over the whole pool,
+    d_J = 1 − m/(2 − m) with m = Σ min(V_q, V_g), and (1 − λ) d_J + λ d²/max."""
+    q, g = _features(4, 5, seed=3), _features(7, 5, seed=4)
+    pool = np.concatenate([_unit(q), _unit(g)])
+    n = len(pool)
+    d2 = np.maximum(2 - 2 * np.array([[u @ v for v in pool] for u in pool]), 0)
+    np.fill_diagonal(d2, 0.0)
+    scaled = d2 / d2.max(axis=1, keepdims=True)
+    vectors = np.exp(-scaled)
+    vectors /= vectors.sum(axis=1, keepdims=True)
+    want = np.empty((4, 7))
+    for i in range(4):
+        for j in range(7):
+            m = sum(min(vectors[i, t], vectors[4 + j, t]) for t in range(n))
+            want[i, j] = 0.7 * (1 - m / (2 - m)) + 0.3 * scaled[i, 4 + j]
+    got = krr(q, g, k1=n - 1, k2=1, lam=0.3, variant="reference", dtype=np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
