@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_cli_polish import _parsers
 from vireid.cli import build_parser, configure_console_logging, main
 from vireid.features import FeatureSet, save_features
 
@@ -34,15 +35,6 @@ def _console_back_to_normal() -> Iterator[None]:
     configure_console_logging(0)
 
 
-def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
-             ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
-    yield path, parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield from _parsers(sub, (*path, name))
-
-
 def _option(parser: argparse.ArgumentParser, flag: str) -> argparse.Action | None:
     return next((a for a in parser._actions if flag in a.option_strings), None)
 
@@ -56,7 +48,7 @@ def _meaning(help_text: str) -> str:
 
 
 def test_every_computing_command_has_one_threads_option_with_one_meaning() -> None:
-    parsers = dict(_parsers(build_parser()))
+    parsers = dict(_parsers(build_parser(), ()))
     found = {path for path, parser in parsers.items() if _option(parser, "--threads") is not None}
     assert found == COMPUTING
     for path in COMPUTING:
@@ -71,7 +63,7 @@ def test_every_computing_command_has_one_threads_option_with_one_meaning() -> No
 
 
 def test_every_torch_model_command_has_one_device_option_with_one_meaning() -> None:
-    parsers = dict(_parsers(build_parser()))
+    parsers = dict(_parsers(build_parser(), ()))
     found = {path for path, parser in parsers.items() if _option(parser, "--device") is not None}
     assert found == TORCH_MODEL
     for path in TORCH_MODEL:
@@ -82,7 +74,7 @@ def test_every_torch_model_command_has_one_device_option_with_one_meaning() -> N
 
 def test_every_parser_has_quiet_and_verbose_with_the_same_help() -> None:
     helps: dict[str, set[str]] = {"-q": set(), "-v": set()}
-    for path, parser in _parsers(build_parser()):
+    for path, parser in _parsers(build_parser(), ()):
         for short, long in (("-q", "--quiet"), ("-v", "--verbose")):
             action = _option(parser, short)
             assert action is not None and long in action.option_strings, (path, short)

@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 
+from test_knn import brute_force, unit
 import vireid.progress
 import vireid.retrieval.graph as graph_module
 import vireid.retrieval.knn as knn_module
@@ -30,10 +31,6 @@ from vireid.retrieval.knn import (
     SearchReport,
     _probe_pairs,
 )
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def clustered(n_ids: int, per_id: int, d: int, noise: float, seed: int) -> np.ndarray:
@@ -205,12 +202,6 @@ def test_max_squared_distance_by_hand_and_kept_by_as_graph():
 
 
 # --------------------------------------------------------------------------------------------- knn
-
-
-def brute_force(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    sim = queries.astype(np.float64) @ base.T.astype(np.float64)
-    order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(sim, order, axis=1)
 
 
 def test_report_line_without_a_scan_fraction():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from test_rerank_paper import _euclid, _nearest, _reciprocal, _unit, loop_mnnr, loop_sgr
 from vireid.errors import InputError
 from vireid.retrieval import rerank
 from vireid.retrieval.kreciprocal import krr, local_expansion, pool_neighbours
@@ -27,70 +28,20 @@ def features() -> tuple[np.ndarray, np.ndarray]:
     return _features(30, 12, seed=11), _features(44, 12, seed=12)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _euclid(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.array([[np.sqrt(np.sum((u - v) ** 2)) for v in b] for u in a])
-
-
-def _nearest(row: np.ndarray, k: int) -> list[int]:
-    return [int(j) for j in np.argsort(row, kind="stable")[:k]]
-
-
-def _loop_sgr(q: np.ndarray, g: np.ndarray, lam: float, K: int, k_graph: int) -> np.ndarray:
-    """SIM Eq. 1–5, one pair at a time: mean of the K shortest q → g_n → g_j, n among g_j's k_graph nearest."""
-    d_qg, d_gg = _euclid(_unit(q), _unit(g)), _euclid(_unit(g), _unit(g))
-    out = np.empty_like(d_qg)
-    for j in range(len(g)):
-        hood = _nearest(d_gg[j], k_graph)
-        for i in range(len(q)):
-            out[i, j] = np.mean(sorted(d_qg[i, n] + lam * d_gg[j, n] for n in hood)[:K])
-    return out
-
-
-def _k_reciprocal(d: np.ndarray, i: int, k: int) -> set[int]:
-    return {j for j in _nearest(d[i], k + 1) if i in _nearest(d[j], k + 1)}
-
-
-def _loop_mnnr(q: np.ndarray, g: np.ndarray, kq: int, kg: int, alpha: float) -> np.ndarray:
-    """SIM Eq. 6–8: α·d + (1 − α)(1 − |N ∩ R*| / |N ∪ R*|), N the query's kq nearest gallery items,
-    R* the gallery item's kg-reciprocal set grown by each member's round(kg/2)-reciprocal set when more
-    than 2/3 of it lies inside."""
-    d_qg, d_gg = _euclid(_unit(q), _unit(g)), _euclid(_unit(g), _unit(g))
-    sets = []
-    for j in range(len(g)):
-        base = _k_reciprocal(d_gg, j, kg)
-        grown = set(base)
-        for c in base:
-            half = _k_reciprocal(d_gg, c, int(np.around(kg / 2)))
-            if len(half & base) > 2 / 3 * len(half):
-                grown |= half
-        sets.append(grown)
-    out = np.empty_like(d_qg)
-    for i in range(len(q)):
-        near = set(_nearest(d_qg[i], kq))
-        for j in range(len(g)):
-            overlap = len(near & sets[j]) / len(near | sets[j])
-            out[i, j] = alpha * d_qg[i, j] + (1 - alpha) * (1 - overlap)
-    return out
-
-
 def test_sgr_defaults_are_lambda_001_k9_kgraph_20(features: tuple[np.ndarray, np.ndarray]) -> None:
     q, g = features
     got = sgr(q, g, dtype=np.float64)
-    np.testing.assert_allclose(got, _loop_sgr(q, g, 0.01, 9, 20), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got, loop_sgr(q, g, 0.01, 9, 20), rtol=0, atol=1e-12)
     # the defaults are visible: one step away in λ or k_graph changes the result
-    assert np.abs(_loop_sgr(q, g, 0.01, 9, 21) - got).max() > 1e-6
-    assert np.abs(_loop_sgr(q, g, 1.01, 9, 20) - got).max() > 1e-3
+    assert np.abs(loop_sgr(q, g, 0.01, 9, 21) - got).max() > 1e-6
+    assert np.abs(loop_sgr(q, g, 1.01, 9, 20) - got).max() > 1e-3
 
 
 def test_mnnr_defaults_are_kq_12_kg_20_alpha_03(features: tuple[np.ndarray, np.ndarray]) -> None:
     q, g = features
     got = mnnr(q, g, dtype=np.float64)
-    np.testing.assert_allclose(got, _loop_mnnr(q, g, 12, 20, 0.3), rtol=0, atol=1e-12)
-    assert np.abs(_loop_mnnr(q, g, 12, 21, 0.3) - got).max() > 1e-6
+    np.testing.assert_allclose(got, loop_mnnr(_euclid(_unit(q), _unit(g)), g, 12, 20, 0.3), rtol=0, atol=1e-12)
+    assert np.abs(loop_mnnr(_euclid(_unit(q), _unit(g)), g, 12, 21, 0.3) - got).max() > 1e-6
 
 
 @pytest.mark.parametrize("method", [sgr, mnnr, sim])
@@ -144,10 +95,10 @@ def _loop_krr_paper(d_qg: np.ndarray, d_gg: np.ndarray, k1: int, k2: int, lam: f
     radius = np.sort(d_gg, axis=1)                      # radius[g, k]: g's k-th nearest other item
 
     def expanded(j: int) -> set[int]:
-        base = _k_reciprocal(d_gg, j, k1)
+        base = _reciprocal(d_gg, j, k1)
         grown = set(base)
         for c in base:
-            hood = _k_reciprocal(d_gg, c, half)
+            hood = _reciprocal(d_gg, c, half)
             if len(hood & base) > 2 / 3 * len(hood):
                 grown |= hood
         return grown
@@ -169,7 +120,7 @@ def _loop_krr_paper(d_qg: np.ndarray, d_gg: np.ndarray, k1: int, k2: int, lam: f
         reciprocal = {n for n in near if d_qg[i, n] < radius[n, k1]}
         grown = set(reciprocal)
         for c in reciprocal:
-            hood = _k_reciprocal(d_gg, c, half)
+            hood = _reciprocal(d_gg, c, half)
             probe_inside = c in near[:half] and d_qg[i, c] < radius[c, half]
             if len(hood & reciprocal) + probe_inside >= 2 / 3 * (len(hood) + probe_inside):
                 grown |= hood
@@ -219,7 +170,7 @@ def test_mnnr_with_kq_one_matches_the_loop(features: tuple[np.ndarray, np.ndarra
     """SIM Eq. 6–8 with N^c(q) = the single nearest gallery item (one entry per query row)."""
     q, g = features
     got = mnnr(q, g, kq=1, kg=6, alpha=0.3, variant="paper", dtype=np.float64)
-    np.testing.assert_allclose(got, _loop_mnnr(q, g, 1, 6, 0.3), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got, loop_mnnr(_euclid(_unit(q), _unit(g)), g, 1, 6, 0.3), rtol=0, atol=1e-12)
 
 
 def _unit_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
