@@ -59,6 +59,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows: dict[str, list[dict[str, float]]] = {v: [] for v in args.variants}
+    data_root = next((args.cache.parent / "data").iterdir())  # the benchmark's rendered dataset, beside the cache
+    images = test_images(data_root, args.images, args.seed)
+    modality = torch.tensor([int(m) for _, m in images])
     for entry in sorted(args.cache.iterdir()):
         info = entry / "run.json"
         if not info.is_file():
@@ -67,11 +70,7 @@ def main() -> None:
         if run.get("variant") not in rows:
             continue
         model, cfg = load_checkpoint_model(entry / "train" / "checkpoints" / "last.pt")
-        data_root = Path(run["material"]["config"]["data"]["root"]) if "root" in run["material"]["config"]["data"] \
-            else next(args.cache.parent.glob("data/*"))
-        images = test_images(data_root, args.images, args.seed)
         batch = torch.stack([load_eval_image(path, cfg.transforms) for path, _ in images])
-        modality = torch.tensor([int(m) for _, m in images])
         with torch.no_grad():
             feature_map = model.backbone(batch, modality)
             _, _, masks = model.parts(feature_map)
