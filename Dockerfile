@@ -19,13 +19,14 @@ RUN apt-get update \
 
 WORKDIR /opt/vireid
 # Only the project's own files: no virtual environment, run folders or git history from the host.
-COPY pyproject.toml README.md LICENSE CHANGELOG.md ./
+COPY pyproject.toml README.md LICENSE CHANGELOG.md constraints.txt ./
 COPY src/ src/
 COPY configs/ configs/
 COPY tests/ tests/
 COPY benchmarks/ benchmarks/
 COPY tools/ tools/
 COPY docs/ docs/
-RUN pip install -e '.[test]'
+# The versions the test suite was run with (constraints.txt); pip install -e '.[test]' alone takes the newest in range.
+RUN pip install -c constraints.txt -e '.[test]'
 
 CMD ["vireid", "demo"]

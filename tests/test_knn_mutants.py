@@ -357,3 +357,131 @@ def test_ivf_progress_bar_labels(bars_on, capsys, monkeypatch):
     monkeypatch.setattr(knn_module, "_BLOCK_ELEMENTS", 64)  # list assignment in blocks of 4 rows
     index.search(base[:50], 5)
     assert set(bar_labels(capsys.readouterr().err)) == {"ivf: assign", "knn search"}
+
+
+# ----------------------------------------------------------------------- cases left by the s1 sample
+
+
+def test_expanded_sets_progress_bar_follows_the_progress_flag(bars_on, capsys):
+    feats = clustered(n_ids=4, per_id=5, d=5, noise=0.5, seed=5)
+    graph = numpy_graph(feats, 6)
+    expanded_k_reciprocal_sets(graph, 4)
+    expanded_k_reciprocal_sets(graph, 4, rows=np.array([3, 1]))
+    assert bar_labels(capsys.readouterr().err) == []
+    expanded_k_reciprocal_sets(graph, 4, progress=True)
+    assert "expanded reciprocal k=4" in bar_labels(capsys.readouterr().err)
+
+
+class _PoisonedNumpy:
+    """numpy whose ``empty`` arrays hold a poison value instead of whatever memory was there (as glibc's
+    ``MALLOC_PERTURB_``): code that reads an entry it never wrote sees the most negative integer / NaN."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float, *args, **kwargs):
+        out = np.empty(shape, dtype, *args, **kwargs)
+        if out.dtype == bool:
+            out.fill(True)
+        elif np.issubdtype(out.dtype, np.integer):
+            out.fill(np.iinfo(out.dtype).min)
+        else:
+            out.fill(np.nan)
+        return out
+
+
+def test_expanded_sets_read_no_uninitialised_memory(monkeypatch):
+    feats = clustered(n_ids=4, per_id=5, d=5, noise=0.5, seed=2)
+    graph = numpy_graph(feats, 6)
+    monkeypatch.setattr(graph_module, "np", _PoisonedNumpy())
+    empty = expanded_k_reciprocal_sets(graph, 4, rows=np.array([], dtype=np.int64))
+    assert empty.shape == (0, 20) and empty.nnz == 0 and len(empty.data) == 0
+    assert csr_rows(expanded_k_reciprocal_sets(graph, 4)) == [loop_expanded(graph.index, i, 4) for i in range(20)]
+
+
+def test_distance_of_a_half_precision_graph_is_float32_accurate():
+    """``sqrt(2 − 2s)`` of float16 similarities, in float32: as accurate as float32 allows (a float16
+    ``2 − 2s`` would be off by up to 2⁻¹¹ relative)."""
+    sim = np.concatenate([np.ones((8, 1)), np.linspace(0.95, -0.95, 40).reshape(8, 5)], axis=1).astype(np.float16)
+    graph = NeighbourGraph(index=np.tile(np.arange(6), (8, 1)), sim=sim)
+    for k in (None, 4):
+        got = graph.distance(k)
+        want = np.sqrt(np.maximum(2.0 - 2.0 * sim.astype(np.float64)[:, : k or 6], 0.0))
+        want[:, 0] = 0.0
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=3e-7, atol=0)
+
+
+@pytest.mark.parametrize("method", ["exact", "ivf", "hnsw"])
+def test_search_indices_are_int64(method):
+    base = clustered(n_ids=20, per_id=20, d=8, noise=0.5, seed=7)
+    index = NeighbourIndex(base, method, ivf=IvfParams(nlist=16))
+    idx, _ = index.search(base[:30], 5)
+    assert idx.dtype == np.int64
+    np.testing.assert_array_equal(idx[:, 0], np.arange(30))  # each query is a base row: itself first
+
+
+def test_ivf_search_within_a_range_excludes_its_upper_end():
+    """``base_range=(lo, hi)``: rows lo <= i < hi; a query equal to base row hi must not find it."""
+    base = clustered(n_ids=20, per_id=20, d=8, noise=0.5, seed=17)
+    index = NeighbourIndex(base, "ivf", ivf=IvfParams(nlist=16, query_nprobe=16))   # every list: exact
+    queries = base[300:306]
+    idx, sim = index.search(queries, 7, base_range=(0, 300))
+    want_idx, want_sim = brute_force(queries, base[:300], 7)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(sim, want_sim, atol=1e-5)
+
+
+def test_hnsw_recall_target_within_a_range_measures_the_range():
+    """The recall ladder's sample search is restricted to ``base_range`` as the search itself: queries that
+    are base rows outside the range (their best match is themselves) still meet the target."""
+    base = clustered(n_ids=20, per_id=20, d=8, noise=0.5, seed=18)
+    index = NeighbourIndex(base, "hnsw", recall=RecallTarget(target=0.95, sample=100, max_scan_fraction=1.0,
+                                                             exact_max_products=0))
+    idx, _ = index.search(base[:20], 5, base_range=(200, 400))
+    report = index.reports[0]
+    assert report.outcome == "met" and report.recall >= 0.95
+    assert idx.min() >= 200
+    want = brute_force(base[:20], base[200:], 5)[0] + 200
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(idx.tolist(), want.tolist(), strict=True)]) >= 0.95
+
+
+def test_ivf_ladder_with_2048_lists_is_every_step_up_to_nlist():
+    """Module docstring: nprobe 4, 6, 8, 12, 16, 24, … (×1.5, ×4/3 in turn) up to nlist, then nlist."""
+    base = clustered(n_ids=64, per_id=32, d=4, noise=0.5, seed=19)
+    index = NeighbourIndex(base, "ivf", ivf=IvfParams(nlist=2048))
+    want, value = [], 4
+    while value < 2048:
+        want.append(value)
+        value = value * 3 // 2 if value % 3 else value * 4 // 3
+    assert want[-3:] == [768, 1024, 1536]
+    assert index._ladder(10) == want + [2048]
+
+
+def test_hnsw_recall_ladder_starts_at_ef_16():
+    """efSearch max(k, 16), 2·that, …: k = 5 on 300 items meets a low target at the first step, 16."""
+    base = clustered(n_ids=15, per_id=20, d=8, noise=0.5, seed=20)
+    index = NeighbourIndex(base, "hnsw", recall=RecallTarget(target=0.5, sample=50))
+    index.search(base[:50], 5)
+    assert (index.reports[0].outcome, index.reports[0].value) == ("met", 16)
+
+
+def test_hnsw_recall_target_on_a_tiny_base():
+    """Fewer than 8 items: no efSearch step lies below twice the base size, the ladder is [max(k, 16)]."""
+    base = clustered(n_ids=3, per_id=2, d=8, noise=0.5, seed=21)
+    index = NeighbourIndex(base, "hnsw", recall=RecallTarget(target=1.0, sample=6))
+    idx, _ = index.search(base, 3)
+    np.testing.assert_array_equal(idx, brute_force(base, base, 3)[0])
+    report = index.reports[0]
+    assert (report.outcome, report.value, report.recall) == ("met", 16, 1.0)
+
+
+def test_self_search_with_every_row_a_query():
+    """``query_rows`` may be the whole base (no gallery rows): every row is searched as a query."""
+    base = clustered(n_ids=5, per_id=6, d=8, noise=0.5, seed=22)
+    index = NeighbourIndex(base, "exact")
+    idx, sim = index.self_search(4, query_rows=30)
+    np.testing.assert_array_equal(idx, brute_force(base, base, 4)[0])
+    np.testing.assert_array_equal(sim[:, 0], 1.0)
+    assert [report.name for report in index.reports] == ["pool graph (query rows)"]

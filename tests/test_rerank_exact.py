@@ -3,7 +3,11 @@ network (compiled), the half-Gram self graph, the pool graph of k-reciprocal re-
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +46,50 @@ def test_compiled_kernel_gives_the_mean_of_the_k_smallest(n: int, k: int) -> Non
     out = np.empty((1, 500), dtype=np.float32)
     _shortest_path_kernel(n, k)(values, np.arange(n)[None], np.zeros((1, n), np.float32), 0, 1, out)
     np.testing.assert_array_equal(out[0], np.sort(values, axis=0)[:k].mean(axis=0))
+
+
+_KERNEL_RUN = """
+import numpy as np
+from vireid.retrieval.sim import _shortest_path_kernel
+kernel = _shortest_path_kernel(7, 3)
+values = np.arange(70, dtype=np.float32).reshape(7, 10)[::-1].copy()
+out = np.empty((1, 10), np.float32)
+kernel(values, np.arange(7)[None], np.zeros((1, 7), np.float32), 0, 1, out)
+assert out[0].tolist() == values[-3:].mean(axis=0).tolist()
+print(len(kernel.stats.cache_hits), len(kernel.stats.cache_misses), kernel.stats.cache_path is not None)
+"""
+
+
+def _run_kernel_process(cache: Path) -> str:
+    env = {**os.environ, "VIREID_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-c", _KERNEL_RUN], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_compiled_kernel_is_cached_on_disk_for_the_next_process(tmp_path: Path) -> None:
+    assert _run_kernel_process(tmp_path) == ["0", "1", "True"]  # compiled: a cache miss
+    assert [p.name for p in (tmp_path / "numba").glob("sgr_k7_K3_*.py")]
+    assert _run_kernel_process(tmp_path) == ["1", "0", "True"]  # loaded from disk, nothing compiled
+
+
+def test_compiled_kernel_without_a_writable_cache_compiles_in_memory(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert _run_kernel_process(blocked)[2] == "False"             # no on-disk cache at all
+    assert blocked.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(("rows", "columns", "k"), [(5, 9, 1), (5, 9, 4), (5, 9, 9), (3, 1, 1)])
+def test_topk_largest_and_smallest_match_a_full_sort(rows: int, columns: int, k: int) -> None:
+    block = np.random.default_rng(columns * 10 + k).integers(0, 4, size=(rows, columns)).astype(np.float32)  # ties
+    for largest, select in ((True, exact.topk_largest), (False, exact.topk_smallest)):
+        values, index = select(block, k)
+        expected = -np.sort(-block, axis=1)[:, :k] if largest else np.sort(block, axis=1)[:, :k]
+        np.testing.assert_array_equal(values, expected)
+        assert index.dtype == np.int64
+        np.testing.assert_array_equal(np.take_along_axis(block, index, axis=1), expected)
+        assert all(len(set(row)) == k for row in index.tolist())
 
 
 def _sgr_inputs(dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from test_rerank_paper import _euclid, _nearest, _reciprocal, _unit, loop_mnnr, loop_sgr
+from test_rerank_paper import _euclid, _expanded, _nearest, _reciprocal, _unit, loop_mnnr, loop_sgr
 from vireid.errors import InputError
 from vireid.retrieval import rerank
 from vireid.retrieval.kreciprocal import krr, local_expansion, pool_neighbours
@@ -232,3 +232,71 @@ def test_krr_reference_with_k1_spanning_the_whole_pool() -> None:
             want[i, j] = 0.7 * (1 - m / (2 - m)) + 0.3 * scaled[i, 4 + j]
     got = krr(q, g, k1=n - 1, k2=1, lam=0.3, variant="reference", dtype=np.float64)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_sgr_reference_keeps_the_input_distance_when_no_path_is_shorter(
+        features: tuple[np.ndarray, np.ndarray]) -> None:
+    """K = 1 and λ = 10⁶: every path through a neighbour is longer than the direct edge, so SGR returns the
+    input distance; the sequential reference then updates nothing and equals the paper variant bit for bit,
+    both in the requested float32."""
+    q, g = features
+    reference = sgr(q, g, lam=1e6, K=1, k_graph=5, variant="reference")
+    paper = sgr(q, g, lam=1e6, K=1, k_graph=5, variant="paper")
+    assert reference.dtype == np.float32
+    np.testing.assert_array_equal(reference, paper)
+    np.testing.assert_allclose(reference, _euclid(_unit(q), _unit(g)), rtol=0, atol=2e-6)
+
+
+def test_mnnr_gallery_item_is_its_own_nearest_even_when_too_short_to_normalise() -> None:
+    """As the krr case above: a gallery feature of norm < 1e-12 ends at norm 0.1 (self-similarity 0.01,
+    below its similarity to others), yet it heads its own neighbour list (distance 0 to itself), so its
+    reciprocal set holds itself. The last two queries point away from every gallery feature: the short one
+    is their nearest gallery item, and their Jaccard term sees its set."""
+    rng = np.random.default_rng(2)
+    centres = np.abs(rng.normal(size=(4, 6))) + 0.5
+    q = np.concatenate([centres[rng.integers(0, 4, 8)] + 0.3 * rng.normal(size=(8, 6)), -centres[:2]])
+    g = np.concatenate([centres[rng.integers(0, 4, 20)] + 0.3 * rng.normal(size=(20, 6)),
+                        1e-13 * centres[:1] / np.linalg.norm(centres[0])])
+    gn = np.concatenate([_unit(g[:-1]), g[-1:] / 1e-12])
+
+    def dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.maximum(2 - 2 * np.array([[u @ v for v in b] for u in a]), 0))
+
+    d_qg, d_gg = dist(_unit(q), gn), dist(gn, gn)
+    np.fill_diagonal(d_gg, 0.0)
+    for kq, kg in [(5, 4), (3, 6)]:
+        sets = [_expanded(d_gg, j, kg) for j in range(len(g))]
+        assert 20 in sets[20] and _nearest(d_qg[-1], 1) == [20]
+        want = np.array([[0.3 * d_qg[i, j] + 0.7 * (1 - len(set(_nearest(d_qg[i], kq)) & sets[j])
+                                                     / len(set(_nearest(d_qg[i], kq)) | sets[j]))
+                          for j in range(len(g))] for i in range(len(q))])
+        got = mnnr(q, g, kq=kq, kg=kg, alpha=0.3, variant="paper", dtype=np.float64)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+# 16 gallery points of Z⁸ on the sphere of radius 32: divided by 32 they are unit vectors whose inner
+# products (n/1024) and distances are exact, so equal inner products give bit-equal distances everywhere.
+_LATTICE_GALLERY = [
+    [-3, -9, 26, -1, 12, 8, 7, 0], [-9, -1, 14, -2, 20, -2, -13, 13], [-9, -14, 4, 4, -11, -4, 23, 7],
+    [-7, -2, 13, 4, 7, -12, -8, 23], [-3, 0, 0, 26, -7, 11, 12, 5], [6, 1, 6, 12, -13, -14, -9, -19],
+    [6, -11, -11, 22, -5, -2, -13, -8], [-12, -5, -25, 5, 12, 3, -6, 4], [21, 12, -6, -2, -10, -13, 3, 11],
+    [4, 8, 25, 11, -2, 4, 3, 13], [-20, 5, -12, 5, -14, -3, 9, 12], [-8, -11, -14, 11, 7, 3, -8, -20],
+    [6, -22, 11, 2, 11, 8, 13, -5], [-2, 5, 11, 2, -2, -29, 0, 5], [-13, 22, -3, 2, -13, 12, -6, -3],
+    [-10, 27, -12, 6, 3, 1, 1, -2]]
+
+
+def test_krr_paper_probe_tied_with_the_kth_neighbour_is_not_reciprocal() -> None:
+    """Zhong Eq. 3 in G ∪ {p}: p is among the k1 nearest of g only if it *beats* g's k1-th other neighbour
+    (g's own list wins a tie). The probe is g₃ with its last coordinate negated; g₀'s last coordinate is 0,
+    so d(p, g₀) = d(g₃, g₀) exactly, and g₃ is g₀'s 4th nearest other item while g₀ is among p's 4 nearest."""
+    g = np.array(_LATTICE_GALLERY, dtype=np.float64) / 32
+    probe = g[3] * [1, 1, 1, 1, 1, 1, 1, -1]
+    q = np.stack([probe, np.array([26, 10, -4, -5, -6, -11, 5, -5]) / 32,
+                  np.array([9, -13, 6, 9, 25, 0, -4, -4]) / 32])
+    d_qg, d_gg = _unit_distances(q, g), _unit_distances(g, g)
+    np.fill_diagonal(d_gg, 0.0)
+    assert np.argsort(d_gg[0], kind="stable")[4] == 3 and d_qg[0, 0] == d_gg[0, 3]       # the tie
+    assert 0 in _nearest(d_qg[0], 4)
+    for k2 in (1, 2):
+        got = krr(q, g, k1=4, k2=k2, lam=0.3, variant="paper", dtype=np.float64)
+        np.testing.assert_allclose(got, _loop_krr_paper(d_qg, d_gg, 4, k2, 0.3), rtol=0, atol=1e-12)

@@ -106,3 +106,58 @@ def test_sim_graph_larger_than_the_gallery_is_named() -> None:
         resolve_rerank("sim", params={"k_graph": 11, "K": 3, "kq": 3, "kg": 3}, num_gallery=10)
     fits = resolve_rerank("sim", params={"k_graph": 10, "K": 3, "kq": 3, "kg": 3}, num_gallery=10)
     assert fits.params["k_graph"] == 10
+
+
+def test_self_graph_of_a_single_item_lists_itself() -> None:
+    """One item, k = 1: its list is itself at similarity 1 (a one-entry merge is still a merge)."""
+    for self_first, want in ((True, 1.0), (False, 0.36)):               # ‖(0.6, 0)‖² = 0.36
+        got = exact.self_top_k_neighbours(np.array([[0.6, 0.0]], dtype=np.float32), 1, self_first=self_first)
+        assert got.index.tolist() == [[0]]
+        np.testing.assert_allclose(got.sim, [[want]], rtol=1e-6)
+        np.testing.assert_allclose(got.min_sim, [want], rtol=1e-6)
+
+
+def test_self_graph_blocks_hold_at_most_the_budget_unless_one_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row block [s, e) computes (e − s)·(n − s) entries: at most BLOCK_ELEMENTS, or a single row when one
+    row (n − s entries) is already over the budget; the blocks cover every row once."""
+    monkeypatch.setattr(exact, "BLOCK_ELEMENTS", 8)
+    features = _unit_rows(10, 3, 3)
+    seen: list[tuple[int, int, tuple[int, ...]]] = []
+    got = exact.self_top_k_neighbours(features, 3, on_block=lambda rows, block: seen.append(
+        (rows.start, rows.stop, block.shape)))
+    assert sorted(row for start, stop, _ in seen for row in range(start, stop)) == list(range(10))
+    for start, stop, shape in seen:
+        assert shape == (stop - start, 10 - start)
+        assert stop - start == 1 or shape[0] * shape[1] <= 8, (start, stop)
+    full = _loop_similarity(features, features)
+    np.fill_diagonal(full, 1.0)
+    for i in range(10):
+        np.testing.assert_allclose(got.sim[i], sorted(full[i], reverse=True)[:3], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pair_similarity_keeps_the_feature_dtype(dtype: type) -> None:
+    left, right = _unit_rows(5, 4, 4).astype(dtype), _unit_rows(6, 4, 5).astype(dtype)
+    left_rows, right_rows = np.array([0, 4, 4, 2]), np.array([5, 0, 3, 3])
+    got = exact.pair_similarity(left, right, left_rows, right_rows)
+    assert got.dtype == dtype
+    full = _loop_similarity(left, right)
+    np.testing.assert_allclose(got, [full[a, b] for a, b in zip(left_rows, right_rows, strict=True)], atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["query", "gallery"])
+def test_plain_errors_name_the_side(side: str) -> None:
+    q, g = np.ones((2, 3)), np.ones((4, 3))
+    (q if side == "query" else g)[1, 2] = np.nan
+    with pytest.raises(InputError, match=rf"^{side} features contains non-finite values$"):
+        api.plain(q, g)
+
+
+@pytest.mark.parametrize(("method", "params", "message"), [
+    ("aim", {"k1": 0}, "parameter k1=0 of method aim must be >= 1"),            # no upper bound: none shown
+    ("sgr", {"lam": -0.5}, "parameter lam=-0.5 of method sgr must be >= 0.0"),
+    ("krr", {"lam": 1.5}, "parameter lam=1.5 of method krr must be >= 0.0, <= 1.0"),
+])
+def test_out_of_bounds_parameter_message_is_exact(method: str, params: dict, message: str) -> None:
+    with pytest.raises(InputError, match=f"^{re.escape(message)}$"):
+        resolve_rerank(method, params=params)

@@ -32,6 +32,11 @@ from vireid.errors import InputError
 _RANDOM = r"[a-z0-9_]{8}"
 
 
+def default_cache_dir() -> Path:
+    """Where vireid caches rendered datasets and compiled kernels: ``$VIREID_CACHE`` or ``~/.cache/vireid``."""
+    return Path(os.environ.get("VIREID_CACHE", Path.home() / ".cache" / "vireid"))
+
+
 def current_umask() -> int:
     """The process umask, read without changing it (``/proc/self/status`` on Linux)."""
     with contextlib.suppress(OSError, ValueError):

@@ -67,8 +67,11 @@ def allowed_hosts(host: str, given: list[str] | None) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
+    from vireid.extras import require
 
+    for module in ("fastapi", "multipart"):
+        require(module, "vireid serve")
+    uvicorn = require("uvicorn", "vireid serve")
     from vireid.serve.app import ServiceConfig, bind_warning, create_app, read_token
 
     config = ServiceConfig(

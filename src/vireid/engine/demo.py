@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,7 +45,7 @@ from vireid.evaluation.report import (
 )
 from vireid.evaluation.metrics import get_protocol
 from vireid.features import FeatureSet, save_features
-from vireid.io import write_json_atomic
+from vireid.io import default_cache_dir, write_json_atomic
 from vireid.models.registry import create_model
 
 log = logging.getLogger(__name__)
@@ -75,10 +74,6 @@ class DemoSettings:
     @classmethod
     def for_mode(cls, quick: bool) -> "DemoSettings":
         return cls(num_ids=120, epochs=4, val_ids=12) if quick else cls(num_ids=400, epochs=5, val_ids=40)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("VIREID_CACHE", Path.home() / ".cache" / "vireid"))
 
 
 def demo_train_config(settings: DemoSettings, root: Path, out_dir: Path, seed: int) -> TrainConfig:

@@ -62,6 +62,7 @@ from vireid.engine.optim import make_optimizer, parameter_groups
 from vireid.engine.schedule import EpochSchedule
 from vireid.engine.validation import split_validation_identities, validation_metrics
 from vireid.errors import InputError
+from vireid.extras import MissingExtra, require
 from vireid.io import write_json_atomic, write_text_atomic
 from vireid.models.base import ReIDModel
 from vireid.models.pretrained import PretrainedWeights, resolve_pretrained
@@ -560,8 +561,14 @@ def _run_log(path: Path | None, console_bars: bool = False) -> Iterator[None]:
 
 
 def _summary_writer(folder: Path, purge_step: int | None) -> Any:
-    """TensorBoard writer; on resume, events after the checkpoint (``purge_step`` onwards, logged by
-    the interrupted run and about to be logged again) are dropped, every earlier one is kept."""
+    """TensorBoard writer, or ``None`` (one warning) without the ``train`` extra. On resume, events
+    after the checkpoint (``purge_step`` onwards, logged by the interrupted run and about to be
+    logged again) are dropped, every earlier one is kept."""
+    try:
+        require("tensorboard", "TensorBoard logging")
+    except MissingExtra as exc:
+        log.warning("%s; training goes on without it", exc)
+        return None
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(folder), purge_step=purge_step)

@@ -79,19 +79,23 @@ def euclidean_from_similarity(similarity: np.ndarray) -> np.ndarray:
 
 
 def topk_largest(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the ``k`` largest values and their columns, largest first (``(values, index)``)."""
-    import torch
-
-    values, index = torch.topk(torch.from_numpy(block), k, dim=1, largest=True, sorted=True)
-    return values.numpy(), index.numpy().astype(np.int64, copy=False)
+    """Per row, the ``k`` largest values and their columns, largest first (``(values, index)``;
+    exactly tied values in an unspecified order, as with ``torch.topk``)."""
+    m = block.shape[1]
+    columns = np.argpartition(block, m - k, axis=1)[:, m - k:] if k < m else np.broadcast_to(np.arange(m), block.shape)
+    values = np.take_along_axis(block, columns, axis=1)
+    order = np.argsort(-values, axis=1, kind="stable")
+    return np.take_along_axis(values, order, axis=1), np.take_along_axis(columns, order, axis=1).astype(np.int64, copy=False)
 
 
 def topk_smallest(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the ``k`` smallest values and their columns, smallest first (``(values, index)``)."""
-    import torch
-
-    values, index = torch.topk(torch.from_numpy(block), k, dim=1, largest=False, sorted=True)
-    return values.numpy(), index.numpy().astype(np.int64, copy=False)
+    """Per row, the ``k`` smallest values and their columns, smallest first (``(values, index)``;
+    exactly tied values in an unspecified order, as with ``torch.topk``)."""
+    m = block.shape[1]
+    columns = np.argpartition(block, k - 1, axis=1)[:, :k] if k < m else np.broadcast_to(np.arange(m), block.shape)
+    values = np.take_along_axis(block, columns, axis=1)
+    order = np.argsort(values, axis=1, kind="stable")
+    return np.take_along_axis(values, order, axis=1), np.take_along_axis(columns, order, axis=1).astype(np.int64, copy=False)
 
 
 def top_k_neighbours(rows: np.ndarray, columns: np.ndarray, k: int, *, self_graph: bool) -> NeighbourGraph:
@@ -153,7 +157,11 @@ def self_top_k_neighbours(features: np.ndarray, k: int, on_block: Callable[[slic
 
 def _offer(lists: NeighbourGraph, block: np.ndarray, first_row: int, first_column: int, *, transposed: bool) -> None:
     """Merges the entries of ``block`` into the running lists of rows ``first_row…`` (``block``'s rows,
-    or its columns when ``transposed``), whose columns start at ``first_column``."""
+    or its columns when ``transposed``), whose columns start at ``first_column``.
+
+    A block's own rows are offered once, to empty lists: their top-k is merged. Its columns are
+    offered to later rows, whose lists are full unless fewer than k columns lay beyond them: only
+    entries above a row's k-th value are merged."""
     num_rows = block.shape[1] if transposed else block.shape[0]
     rows = slice(first_row, first_row + num_rows)
     row_min = lists.min_sim[rows]
@@ -164,14 +172,10 @@ def _offer(lists: NeighbourGraph, block: np.ndarray, first_row: int, first_colum
         values, columns = topk_largest(by_row, min(lists.k, by_row.shape[1]))
         row = np.arange(num_rows).repeat(values.shape[1])
         _merge(lists, first_row + row, first_column + columns.ravel(), values.ravel())
-    elif transposed:
+    else:
         hit = np.flatnonzero(block.max(axis=0) > kth)
         column, row = np.nonzero(block[:, hit] > kth[hit])
         _merge(lists, first_row + hit[row], first_column + column, block[column, hit[row]])
-    else:
-        hit = np.flatnonzero(block.max(axis=1) > kth)
-        row, column = np.nonzero(block[hit] > kth[hit, None])
-        _merge(lists, first_row + hit[row], first_column + column, block[hit[row], column])
 
 
 def _merge(lists: NeighbourGraph, rows: np.ndarray, columns: np.ndarray, values: np.ndarray) -> None:

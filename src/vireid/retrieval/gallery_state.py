@@ -30,10 +30,9 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from vireid.errors import InputError
-from vireid.retrieval.exact import NORM_EPS, pair_similarity
+from vireid.retrieval.exact import NORM_EPS, pair_similarity, topk_largest
 from vireid.retrieval.graph import NeighbourGraph, build_graph, expanded_k_reciprocal_sets, reciprocal_mask
 from vireid.retrieval.knn import NeighbourIndex
 from vireid.retrieval.kreciprocal import gaussian_vectors, local_expansion, shared_mass
@@ -800,7 +799,6 @@ def _extended_lists(graph: GraphStore, feats: np.ndarray, n_old: int,
     first list position that changed). New rows search every item exactly (self first); an old row
     merges the new items that beat its last entry (old entries first among equal similarities)."""
     n, k = n_old + n_new, graph.k
-    feats_t = torch.from_numpy(feats)
     new_ids = np.arange(n_old, n)
     new_index = np.empty((n_new, k), np.int64)
     new_sim = np.empty((n_new, k), np.float32)
@@ -812,34 +810,32 @@ def _extended_lists(graph: GraphStore, feats: np.ndarray, n_old: int,
         work_index, work_sim = graph.index[rows, :], graph.sim[rows, :]
         original = work_index.copy()
     hit_rows, hit_index, hit_sim, hit_first = [], [], [], []
-    with torch.no_grad():
-        for start in range(0, n_new, step):
-            stop = min(start + step, n_new)
-            scores = feats_t[n_old + start:n_old + stop] @ feats_t.T           # (b, n)
-            own = torch.arange(stop - start)
-            scores[own, n_old + start + own] = float("inf")                   # self first
-            val, pos = scores.topk(k, dim=1)
-            new_index[start:stop], new_sim[start:stop] = pos.numpy(), val.numpy()
-            old_scores = scores[:, :n_old].T.numpy()                            # (n_old, b)
-            if work_index is None:
-                hits = np.flatnonzero((old_scores > kth[:, None]).any(axis=1))
-                if len(hits):
-                    old_index, old_sim = graph.index[hits, :], graph.sim[hits, :]
-                    cand_index = np.concatenate([old_index, np.broadcast_to(new_ids[start:stop], (len(hits), stop - start))], 1)
-                    cand_sim = np.concatenate([old_sim, old_scores[hits]], axis=1)
-                    pick = np.argsort(-cand_sim, axis=1, kind="stable")[:, :k]
-                    merged = np.take_along_axis(cand_index, pick, axis=1)
-                    hit_rows.append(hits)
-                    hit_index.append(merged)
-                    hit_sim.append(np.take_along_axis(cand_sim, pick, axis=1))
-                    hit_first.append((merged != old_index).argmax(axis=1))
-            else:
-                hits = np.flatnonzero((old_scores > work_sim[:, -1:]).any(axis=1))
-                cand_index = np.concatenate([work_index[hits], np.broadcast_to(new_ids[start:stop], (len(hits), stop - start))], 1)
-                cand_sim = np.concatenate([work_sim[hits], old_scores[hits]], axis=1)
+    for start in range(0, n_new, step):
+        stop = min(start + step, n_new)
+        scores = feats[n_old + start:n_old + stop] @ feats.T                    # (b, n)
+        own = np.arange(stop - start)
+        scores[own, n_old + start + own] = np.inf                              # self first
+        new_sim[start:stop], new_index[start:stop] = topk_largest(scores, k)
+        old_scores = scores[:, :n_old].T                                        # (n_old, b)
+        if work_index is None:
+            hits = np.flatnonzero((old_scores > kth[:, None]).any(axis=1))
+            if len(hits):
+                old_index, old_sim = graph.index[hits, :], graph.sim[hits, :]
+                cand_index = np.concatenate([old_index, np.broadcast_to(new_ids[start:stop], (len(hits), stop - start))], 1)
+                cand_sim = np.concatenate([old_sim, old_scores[hits]], axis=1)
                 pick = np.argsort(-cand_sim, axis=1, kind="stable")[:, :k]
-                work_index[hits] = np.take_along_axis(cand_index, pick, axis=1)
-                work_sim[hits] = np.take_along_axis(cand_sim, pick, axis=1)
+                merged = np.take_along_axis(cand_index, pick, axis=1)
+                hit_rows.append(hits)
+                hit_index.append(merged)
+                hit_sim.append(np.take_along_axis(cand_sim, pick, axis=1))
+                hit_first.append((merged != old_index).argmax(axis=1))
+        else:
+            hits = np.flatnonzero((old_scores > work_sim[:, -1:]).any(axis=1))
+            cand_index = np.concatenate([work_index[hits], np.broadcast_to(new_ids[start:stop], (len(hits), stop - start))], 1)
+            cand_sim = np.concatenate([work_sim[hits], old_scores[hits]], axis=1)
+            pick = np.argsort(-cand_sim, axis=1, kind="stable")[:, :k]
+            work_index[hits] = np.take_along_axis(cand_index, pick, axis=1)
+            work_sim[hits] = np.take_along_axis(cand_sim, pick, axis=1)
     new_sim[:, 0] = 1.0
     if work_index is not None:
         differs = work_index != original

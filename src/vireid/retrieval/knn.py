@@ -19,7 +19,7 @@ Four searchers share one interface, :class:`NeighbourIndex`:
 ``nprobe`` / ``efSearch`` are chosen per search. With a :class:`RecallTarget` (the ranked-list
 mode's default, target 0.98) vireid measures, before each approximate search, the exact neighbour
 lists of a seeded sample of its rows (faiss ``knn``), runs the approximate search on the same rows
-with growing ``nprobe`` (4, 6, 8, 12, 16, 24, … lists) or ``efSearch`` (k, 2k, 4k, …), and keeps the
+with growing ``nprobe`` (4, 6, 8, 12, 16, 24, … lists) or ``efSearch`` (max(k, 16), then doubling), and keeps the
 first value whose recall@k — the fraction of the exact k nearest found, averaged over the rows
 (faiss' ``knn_intersection_measure``, computed vectorised; in a self graph: of the k − 1 nearest
 other items) — reaches the target. Each step of the IVF ladder scans only the lists it adds. The sample rows go through the very scan that then runs on all rows, so the measured recall
@@ -381,7 +381,7 @@ class NeighbourIndex:
         return plan
 
     def _ladder(self, k: int) -> list[int]:
-        """IVF: nprobe 4, 6, 8, 12, 16, 24, … up to nlist; HNSW: efSearch k, 2k, 4k, … up to the base size."""
+        """IVF: nprobe 4, 6, 8, 12, 16, 24, … up to nlist; HNSW: efSearch max(k, 16), doubling while below twice the base size."""
         if self.method == "ivf":
             nlist = self._lists.n_lists
             values = {min(nlist, _IVF_LADDER_START * 2 ** (i // 2) * (3 if i % 2 else 2) // 2)

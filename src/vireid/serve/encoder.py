@@ -29,6 +29,7 @@ from torch import Tensor
 from vireid.data.records import Modality
 from vireid.data.transforms import TransformConfig, normalize
 from vireid.errors import InputError
+from vireid.extras import require
 from vireid.io import atomic_path
 from vireid.models.backbone import TwoStreamBackbone
 from vireid.models.base import ReIDModel
@@ -167,8 +168,7 @@ class OnnxEncoder:
     """An exported model run by onnxruntime on the CPU."""
 
     def __init__(self, path: str | Path, threads: int = 2) -> None:
-        import onnxruntime as ort
-
+        ort = require("onnxruntime", f"running the ONNX model {path}")
         self.source = Path(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -238,8 +238,7 @@ class _FeatureGraph(torch.nn.Module):
 def export_onnx(model: ReIDModel, transform: TransformConfig, out: str | Path, opset: int = 17) -> None:
     """Write ``model`` as ONNX (inputs ``images``, ``modality``; output ``feat``; dynamic batch)
     with its preprocessing in the metadata. Written atomically."""
-    import onnx
-
+    onnx = require("onnx", "ONNX export")
     model = model.eval()
     dummy = torch.zeros(2, 3, transform.height, transform.width)
     modality = torch.tensor([0, 1], dtype=torch.long)
