@@ -400,6 +400,7 @@ def test_pool_query_rows_are_tuned_as_queries():
     ({"target": 0.0}, "recall target"), ({"target": 1.5}, "recall target"), ({"sample": 0}, "recall sample"),
     ({"max_scan_fraction": 0.0}, "max_scan_fraction"), ({"max_scan_fraction": 1.01}, "max_scan_fraction"),
     ({"exact_max_products": -1}, "exact_max_products"), ({"sample": 2.5}, "recall sample"),
+    ({"max_scan_products": 0}, "max_scan_products"), ({"max_scan_products": float("nan")}, "max_scan_products"),
 ])
 def test_recall_target_validation(kwargs, message):
     with pytest.raises(InputError, match=message):
@@ -431,6 +432,46 @@ def test_exact_fallback_boundary_is_inclusive():
             target=1.0, sample=50, max_scan_fraction=0.08, exact_max_products=products))
         index.search(queries, 10)
         assert index.reports[0].outcome == outcome
+
+
+def test_default_fallback_searches_a_100k_graph_exactly_but_not_a_million():
+    """The default fallback covers a 100,000-item graph (documented), not a 10^6-item one."""
+    default = RecallTarget()
+    assert 100_000 * 100_000 <= default.exact_max_products < 1_000_000 * 100_000
+    queries, base = distribution("offset", n=1000, n_query=50)
+    index = NeighbourIndex(base, "ivf", ivf=IvfParams(nlist=64), seed=1,
+                           recall=RecallTarget(target=1.0, sample=50, max_scan_fraction=0.08))
+    index.search(queries, 10)
+    assert index.reports[0].outcome == "exact fallback"
+
+
+def test_total_products_cap_bounds_the_ladder_like_the_same_fraction():
+    """max_scan_products caps the scan at products / (rows x base): the same ladder stop as that fraction."""
+    queries, base = distribution("lowrank", n=2000, n_query=100)
+    reports = []
+    for recall in (RecallTarget(target=1.0, sample=100, max_scan_fraction=1.0, max_scan_products=0.1 * 100 * 2000,
+                                exact_max_products=0),
+                   RecallTarget(target=1.0, sample=100, max_scan_fraction=0.1, exact_max_products=0)):
+        index = NeighbourIndex(base, "ivf", ivf=IvfParams(nlist=64), seed=3, recall=recall)
+        index.search(queries, 10)
+        reports.append(index.reports[0])
+    capped, by_fraction = reports
+    assert capped.outcome == by_fraction.outcome == "below target"
+    assert capped.value == by_fraction.value and capped.scan_fraction == by_fraction.scan_fraction
+    assert capped.scan_fraction <= 0.1
+    uncapped = NeighbourIndex(base, "ivf", ivf=IvfParams(nlist=64), seed=3, recall=RecallTarget(
+        target=1.0, sample=100, max_scan_fraction=1.0, exact_max_products=0))
+    uncapped.search(queries, 10)
+    assert uncapped.reports[0].value > capped.value
+
+
+def test_rerank_cli_recall_defaults_are_the_library_defaults():
+    from vireid.cli import build_parser
+
+    args = build_parser().parse_args(["rerank", "f.npz", "--method", "aim", "--out", "d.npy"])
+    default = RecallTarget()
+    assert (args.recall_target, args.recall_sample, args.recall_budget, args.recall_max_products) == (
+        default.target, default.sample, default.max_scan_fraction, default.max_scan_products)
 
 
 def test_hnsw_ef_search_ladder_and_cost():

@@ -24,7 +24,8 @@ With --topk and an approximate --knn (ivf, hnsw, or auto beyond 50,000 items) ev
 is recall-targeted: its recall@k against exact search is measured on --recall-sample rows and nprobe
 (IVF) or efSearch (HNSW) raised until it reaches --recall-target; each search's choice and measured
 recall is printed and stored in RANKS.npz (key meta_json). A target not met within --recall-budget
-is said in one line: the search then runs exactly if that is cheap (<= 2.5e9 inner products),
+and --recall-max-products is said in one line: the search then runs exactly if that is affordable (<= 1e10 inner products:
+a 100,000-item graph),
 otherwise with the best recall reached."""
 
 
@@ -53,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="rows per neighbour search on which the recall is measured")
     parser.add_argument("--recall-budget", type=float, default=0.25, metavar="F",
                         help="most inner products an approximate search may compute, as a fraction of an exact search's")
+    parser.add_argument("--recall-max-products", type=float, default=2e10, metavar="N",
+                        help="most inner products an approximate search may compute in all (bounds large searches: "
+                        "2e10 is 2%% of a million-item graph)")
     parser.add_argument("--out", required=True, metavar="DIST.npy", help="output file (Q, G), or RANKS.npz with --topk")
     add_threads_option(parser)
     parser.set_defaults(func=run)
@@ -98,7 +102,8 @@ def run_ranked(args: argparse.Namespace, features: FeatureSet, params: dict[str,
     if args.recall_target < 0:
         raise InputError(f"--recall-target {args.recall_target}: must be in (0, 1], or 0 for fixed parameters")
     recall = None if args.recall_target == 0 else RecallTarget(
-        target=args.recall_target, sample=args.recall_sample, max_scan_fraction=args.recall_budget)
+        target=args.recall_target, sample=args.recall_sample, max_scan_fraction=args.recall_budget,
+        max_scan_products=args.recall_max_products)
     handler = logging.StreamHandler(sys.stdout)  # one line per neighbour search, as it is decided
     handler.setFormatter(logging.Formatter("%(message)s"))
     knn_log = logging.getLogger("vireid.retrieval.knn")
