@@ -13,6 +13,7 @@ import pytest
 
 from test_knn import brute_force, unit
 import vireid.progress
+from vireid.errors import InputError
 import vireid.retrieval.graph as graph_module
 import vireid.retrieval.knn as knn_module
 from vireid.retrieval.graph import (
@@ -188,6 +189,8 @@ def test_rows_to_csr_with_one_column_per_row():
     np.testing.assert_array_equal(matrix.toarray(), [[0, 0, 5, 0], [6, 0, 0, 0], [0, 7, 0, 0]])
     graph = NeighbourGraph(index=np.array([[0], [1], [2]]), sim=np.ones((3, 1), dtype=np.float32))
     np.testing.assert_array_equal(reverse_neighbours(graph, 1).toarray(), np.eye(3))
+    with pytest.raises(InputError, match=r"^reverse_neighbours needs 2 neighbours per item but the graph has k=1$"):
+        reverse_neighbours(graph, 2)
 
 
 def test_max_squared_distance_by_hand_and_kept_by_as_graph():

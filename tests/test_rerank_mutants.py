@@ -11,7 +11,8 @@ import scipy.sparse as sp
 from test_rerank_paper import _euclid, _expanded, _nearest, _reciprocal, _unit, loop_mnnr, loop_sgr
 from vireid.errors import InputError
 from vireid.retrieval import rerank
-from vireid.retrieval.kreciprocal import krr, local_expansion, pool_neighbours
+from vireid.retrieval.graph import NeighbourGraph
+from vireid.retrieval.kreciprocal import half_reciprocal_sets, krr, local_expansion, pool_neighbours
 from vireid.retrieval.sim import mnnr, sgr, sim
 
 
@@ -300,3 +301,186 @@ def test_krr_paper_probe_tied_with_the_kth_neighbour_is_not_reciprocal() -> None
     for k2 in (1, 2):
         got = krr(q, g, k1=4, k2=k2, lam=0.3, variant="paper", dtype=np.float64)
         np.testing.assert_allclose(got, _loop_krr_paper(d_qg, d_gg, 4, k2, 0.3), rtol=0, atol=1e-12)
+
+
+def _with_a_short_gallery_feature(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Clustered queries and gallery (positive centres) whose last gallery feature has norm 1e-13: it is
+    scaled by 1e12 to norm 0.1 (``x / max(‖x‖, 1e-12)``), so its self-similarity 0.01 is below its
+    similarity to the others. Returns q, g and their normalised forms."""
+    rng = np.random.default_rng(seed)
+    centres = np.abs(rng.normal(size=(4, 6))) + 0.5
+    q = centres[rng.integers(0, 4, 8)] + 0.3 * rng.normal(size=(8, 6))
+    g = np.concatenate([centres[rng.integers(0, 4, 20)] + 0.3 * rng.normal(size=(20, 6)),
+                        1e-13 * centres[:1] / np.linalg.norm(centres[0])])
+    gn = np.concatenate([_unit(g[:-1]), g[-1:] / 1e-12])
+    assert abs(np.linalg.norm(gn[-1]) - 0.1) < 1e-12
+    return q, g, _unit(q), gn
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_aim_affinity_rows_use_the_computed_self_similarity(variant: str) -> None:
+    """SAAI Eq. 6 on the gallery Gram matrix as computed (models/AIM.py): the short gallery feature's own
+    entry is its self-similarity 0.01, not 1, so its top-k1 row and its top-k2 neighbours (k2 >= 2; k2 = 1
+    skips the averaging) are other items. A last query along the short feature shares its top-k1 items with
+    that row. Dense loop; no ties, so both variants agree."""
+    q, g, qn, gn = _with_a_short_gallery_feature(4)
+    q = np.concatenate([q, 1e13 * g[-1:]])
+    qn = _unit(q)
+    s_qg = np.array([[u @ v for v in gn] for u in qn])
+    s_gg = np.array([[u @ v for v in gn] for u in gn])
+    assert s_gg[-1, -1] < np.sort(s_gg[-1])[-4]                        # not among its own 3 largest
+
+    def top(s: np.ndarray, k: int) -> np.ndarray:
+        row = np.zeros_like(s)
+        keep = _nearest(-s, k)
+        row[keep] = s[keep]
+        return row
+
+    for k1, k2 in [(3, 2), (5, 3)]:
+        q_aff = _unit(np.array([top(s, k1) for s in s_qg]))
+        g_rows = np.array([top(s, k1) for s in s_gg])
+        g_aff = _unit(np.array([g_rows[_nearest(-s_gg[j], k2)].mean(axis=0) for j in range(len(g))]))
+        want = np.array([[-(q_aff[i] @ g_aff[j]) - s_qg[i, j] for j in range(len(g))] for i in range(len(q))])
+        got = rerank("aim", q, g, variant=variant, params={"k1": k1, "k2": k2}, dtype=np.float64)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_sgr_gallery_item_is_its_own_first_neighbour_even_when_too_short_to_normalise() -> None:
+    """SIM Eq. 1–5 with the short gallery feature: its own path (q → g_j, edge 0) is always in its
+    neighbourhood, whose other members are its k_graph − 1 most similar items (d = sqrt(2 − 2s))."""
+    q, g, qn, gn = _with_a_short_gallery_feature(5)
+
+    def dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.maximum(2 - 2 * np.array([[u @ v for v in b] for u in a]), 0))
+
+    d_qg, d_gg = dist(qn, gn), dist(gn, gn)
+    np.fill_diagonal(d_gg, 0.0)
+    lam, K, k_graph = 0.05, 3, 6
+    want = np.empty_like(d_qg)
+    for j in range(len(g)):
+        hood = _nearest(d_gg[j], k_graph)
+        for i in range(len(q)):
+            want[i, j] = np.mean(sorted(d_qg[i, n] + lam * d_gg[j, n] for n in hood)[:K])
+    got = sgr(q, g, lam=lam, K=K, k_graph=k_graph, variant="paper", dtype=np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_sgr_kernels_are_written_to_the_numba_folder_of_the_cache(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path) -> None:
+    """The generated kernel source goes to ``$VIREID_CACHE/numba`` (docs: ``<cache>/numba``)."""
+    import sys
+
+    from vireid.retrieval import sim as sim_module
+    monkeypatch.setenv("VIREID_CACHE", str(tmp_path))
+    assert sim_module.kernel_cache_dir() == tmp_path / "numba"
+    before = set(sys.modules)
+    try:
+        kernel = sim_module._shortest_path_kernel.__wrapped__(3, 2)      # the lru_cache left alone
+    finally:
+        for name in set(sys.modules) - before:
+            if name.startswith("vireid_kernels."):
+                del sys.modules[name]
+    files = [p.name for p in tmp_path.rglob("*.py")]
+    assert len(files) == 1 and (tmp_path / "numba" / files[0]).is_file() and files[0].startswith("sgr_k3_K2_")
+    assert kernel.py_func.__code__.co_filename == str(tmp_path / "numba" / files[0])
+
+
+_TIED_LATTICE = np.array(_LATTICE_GALLERY + [_LATTICE_GALLERY[3][:7] + [-_LATTICE_GALLERY[3][7]]]) / 32
+"""The 16 lattice points and g₃ with its last coordinate negated: inner products are exact (n/1024), and
+since g₀'s last coordinate is 0, row 0 of the Gram matrix holds 305/1024 twice, at its 5th and 6th
+largest places; no other row has a tie at places 4/5, 5/6 or 6/7."""
+
+
+@pytest.mark.parametrize("k1", [4, 5, 6])
+def test_aim_affinity_rows_recompute_only_the_rows_tied_at_k1(monkeypatch: pytest.MonkeyPatch, k1: int) -> None:
+    """SAAI Eq. 6 on the gallery: ``reference`` keeps every entry >= the row's k1-th largest, ``paper``
+    exactly the k1 largest. Only a ``reference`` row whose (k1+1)-th similarity equals its k1-th is
+    recomputed in full (one Gram row); the other rows come from the top-(k1+1) lists."""
+    from vireid.retrieval import aim as aim_module
+    gn = _TIED_LATTICE
+    s = np.array([[sum(a * b for a, b in zip(u, v)) for v in gn] for u in gn])   # exact: n / 1024
+    ranked = -np.sort(-s, axis=1)
+    tied_rows = [r for r in range(len(gn)) if ranked[r, k1 - 1] == ranked[r, k1]]
+    assert tied_rows == ([0] if k1 == 5 else [])
+    recomputed: list[int] = []
+    real = aim_module.topk_largest
+
+    def spy(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        recomputed.append(block.shape[0])
+        return real(block, k)
+
+    monkeypatch.setattr(aim_module, "topk_largest", spy)
+    for keep_ties in (True, False):
+        recomputed.clear()
+        rows, nearest = aim_module._affinity_rows(gn, k1, keep_ties=keep_ties, k2=2)
+        assert recomputed == ([len(tied_rows)] if keep_ties and tied_rows else [])
+        dense = rows.toarray()
+        for r in range(len(gn)):
+            kept = np.flatnonzero(dense[r])
+            if keep_ties:
+                assert kept.tolist() == np.flatnonzero(s[r] >= ranked[r, k1 - 1]).tolist()
+            else:
+                assert len(kept) == k1 and sorted(s[r, kept]) == sorted(ranked[r, :k1])
+            np.testing.assert_array_equal(dense[r, kept], s[r, kept])
+        np.testing.assert_array_equal(nearest[:, 0], np.arange(len(gn)))       # self: similarity 1, first
+        np.testing.assert_array_equal(s[np.arange(len(gn)), nearest[:, 1]], ranked[:, 1])
+
+
+def test_half_reciprocal_sets_keep_the_full_shape_when_the_last_items_have_none() -> None:
+    """Two identical gallery items: self and duplicate both have similarity 1, and a self graph may list
+    the duplicate first (top_k_neighbours does when k covers the row: ties in column order). With half = 0
+    only item 0 is in its own first-neighbour list both ways; item 1 has an empty set and is in none, yet
+    the pattern is G×G."""
+    graph = NeighbourGraph(index=np.array([[0, 1], [0, 1]]), sim=np.ones((2, 2)))
+    for half, want in [(0, [[1, 0], [0, 0]]), (1, [[1, 1], [1, 1]])]:
+        loop = [[float(j in graph.index[g, :half + 1] and g in graph.index[j, :half + 1]) for j in range(2)]
+                for g in range(2)]
+        assert loop == want
+        got = half_reciprocal_sets(graph, half)
+        assert got.shape == (2, 2)
+        np.testing.assert_array_equal(got.toarray(), want)
+
+
+def test_local_expansion_keeps_float32_vectors_in_float32() -> None:
+    """Zhong Eq. 11 on float32 vectors (the default dtype): the mean is float32 too (the row weights 1/k2
+    in the vectors' dtype), within float32 rounding of the float64 loop."""
+    rng = np.random.default_rng(3)
+    dense = (rng.random((6, 9)) * (rng.random((6, 9)) < 0.5)).astype(np.float32)
+    neighbours = np.array([[0, 2, 5], [1, 0, 3], [2, 4, 1], [3, 3, 0], [4, 5, 2], [5, 1, 4]])
+    got = local_expansion(sp.csr_matrix(dense), neighbours)
+    assert got.dtype == np.float32
+    want = [[sum(float(dense[n, c]) for n in neighbours[i]) / 3 for c in range(9)] for i in range(6)]
+    np.testing.assert_allclose(got.toarray(), want, rtol=1e-6, atol=0)
+
+
+class _RecordingSparse:
+    """scipy.sparse that records (rows, joined pairs) of every block ``shared_mass`` builds."""
+
+    def __init__(self, blocks: list[tuple[int, int]]) -> None:
+        self.blocks = blocks
+
+    def __getattr__(self, name: str):
+        return getattr(sp, name)
+
+    def coo_matrix(self, arg, shape=None, **kwargs):
+        self.blocks.append((shape[0], len(arg[0])))
+        return sp.coo_matrix(arg, shape=shape, **kwargs)
+
+
+def test_shared_mass_blocks_are_greedy_within_the_join_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows are joined in consecutive blocks grown while the block's joined pairs stay <= JOIN_ELEMENTS
+    (inclusive); a row over the budget stands alone. Right column c has c + 1 entries, so left rows
+    with supports {1}, {1}, {2}, {0}, {0, 3}, {}, {3} join 2, 2, 3, 1, 5, 0, 4 pairs; with a budget of 4
+    the blocks are rows 0–1 (4 pairs), 2–3 (4), 4 (5), 5–6 (4)."""
+    from vireid.retrieval import kreciprocal
+    monkeypatch.setattr(kreciprocal, "JOIN_ELEMENTS", 4)
+    blocks: list[tuple[int, int]] = []
+    monkeypatch.setattr(kreciprocal, "sp", _RecordingSparse(blocks))
+    right = np.array([[0.5 if r <= c else 0.0 for c in range(4)] for r in range(5)]) * np.arange(1, 6)[:, None] / 5
+    supports = [{1}, {1}, {2}, {0}, {0, 3}, set(), {3}]
+    left = np.array([[0.3 if c in support else 0.0 for c in range(4)] for support in supports])
+    assert [sum(int((right[:, c] > 0).sum()) for c in support) for support in supports] == [2, 2, 3, 1, 5, 0, 4]
+    got = kreciprocal.shared_mass(sp.csr_matrix(left), sp.csr_matrix(right).tocsc())
+    assert blocks == [(2, 4), (2, 4), (1, 5), (2, 4)]
+    want = [[sum(min(left[i, c], right[j, c]) for c in range(4)) for j in range(5)] for i in range(7)]
+    np.testing.assert_allclose(got.toarray(), want, rtol=0, atol=1e-15)

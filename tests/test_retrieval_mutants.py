@@ -161,3 +161,17 @@ def test_plain_errors_name_the_side(side: str) -> None:
 def test_out_of_bounds_parameter_message_is_exact(method: str, params: dict, message: str) -> None:
     with pytest.raises(InputError, match=f"^{re.escape(message)}$"):
         resolve_rerank(method, params=params)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_whole_row_top_k_keeps_tied_values_in_column_order(dtype: type) -> None:
+    """k = m needs no partition: the values are sorted by a stable sort, so exactly tied values keep their
+    column order, the same on every machine (NumPy's default sort is an unstable SIMD sort on AVX2/AVX-512)."""
+    block = np.random.default_rng(6).integers(0, 3, (4, 40)).astype(dtype)
+    smallest, smallest_at = exact.topk_smallest(block, 40)
+    largest, largest_at = exact.topk_largest(block, 40)
+    for i, row in enumerate(block.tolist()):
+        up = sorted(range(40), key=lambda j, row=row: (row[j], j))
+        down = sorted(range(40), key=lambda j, row=row: (-row[j], j))
+        assert smallest_at[i].tolist() == up and smallest[i].tolist() == [row[j] for j in up]
+        assert largest_at[i].tolist() == down and largest[i].tolist() == [row[j] for j in down]
