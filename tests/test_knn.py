@@ -434,10 +434,11 @@ def test_exact_fallback_boundary_is_inclusive():
         assert index.reports[0].outcome == outcome
 
 
-def test_default_fallback_searches_a_100k_graph_exactly_but_not_a_million():
-    """The default fallback covers a 100,000-item graph (documented), not a 10^6-item one."""
+def test_default_fallback_searches_a_100k_pool_exactly_but_not_a_million():
+    """The default fallback covers krr's pool graph at 100,000 items + 2,000 queries (documented), not a
+    10^6-item graph."""
     default = RecallTarget()
-    assert 100_000 * 100_000 <= default.exact_max_products < 1_000_000 * 100_000
+    assert 102_000 * 102_000 <= default.exact_max_products < 1_000_000 * 100_000
     queries, base = distribution("offset", n=1000, n_query=50)
     index = NeighbourIndex(base, "ivf", ivf=IvfParams(nlist=64), seed=1,
                            recall=RecallTarget(target=1.0, sample=50, max_scan_fraction=0.08))

@@ -24,8 +24,8 @@ With --topk and an approximate --knn (ivf, hnsw, or auto beyond 50,000 items) ev
 is recall-targeted: its recall@k against exact search is measured on --recall-sample rows and nprobe
 (IVF) or efSearch (HNSW) raised until it reaches --recall-target; each search's choice and measured
 recall is printed and stored in RANKS.npz (key meta_json). A target not met within --recall-budget
-and --recall-max-products is said in one line: the search then runs exactly if that is affordable (<= 1e10 inner products:
-a 100,000-item graph),
+and --recall-max-products is said in one line: the search then runs exactly if that is affordable (<= 2e10 inner products:
+a 141,000-item graph),
 otherwise with the best recall reached."""
 
 

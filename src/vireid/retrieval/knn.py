@@ -57,12 +57,11 @@ log = logging.getLogger(__name__)
 
 KNN_METHODS: tuple[str, ...] = ("auto", "exact", "ivf", "hnsw")
 AUTO_EXACT_MAX_BASE = 50_000
-EXACT_FALLBACK_MAX_PRODUCTS = 1e10
-"""Most inner products (rows × searched items) of the exact search that replaces an approximate one
-missing its recall target: a 100,000-item graph, about 3 minutes on one core at d = 512."""
 MAX_SCAN_PRODUCTS = 2e10
 """Most inner products an approximate search may compute in all, whatever its share of an exact
-search: 2 % of a million-item graph, about 5 minutes of IVF scan on two cores at d = 512."""
+search (2 % of a million-item graph, about 5 minutes of IVF scan on two cores at d = 512), and the
+most an exact search replacing one that misses its recall target may compute (a graph of 141,000
+items, about 6 minutes on one core: an exact product costs about a third of an IVF one)."""
 _IVF_LADDER_START = 4
 _BLOCK_ELEMENTS = 1 << 24  # similarity entries per matmul block (64 MiB float32)
 # queries per faiss ``knn`` call of the exact search: faiss tiles the base itself (4096 x 1024 blocks),
@@ -108,7 +107,7 @@ class RecallTarget:
     sample: int = 1000
     max_scan_fraction: float = 0.25
     max_scan_products: float = MAX_SCAN_PRODUCTS
-    exact_max_products: float = EXACT_FALLBACK_MAX_PRODUCTS
+    exact_max_products: float = MAX_SCAN_PRODUCTS
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target <= 1.0:
