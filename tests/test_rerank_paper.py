@@ -289,3 +289,30 @@ def test_synthetic_features_are_seeded_and_identity_clustered() -> None:
     assert dist[same].mean() < dist[~same].mean()
     with pytest.raises(InputError, match="intrinsic_dim"):
         synthetic_features(5, 5, 4, num_ids=2, intrinsic_dim=9)
+
+
+def test_synthetic_features_follow_the_documented_scales() -> None:
+    """s = (d/256)^(1/4) = 1/2 at d = 16: the gallery's spread around each identity mean is
+    noise·s, and the infrared shift of each identity (query mean − gallery mean, the global
+    offset removed) spreads by gap_identity·s."""
+    fs = synthetic_features(400, 400, 16, num_ids=20, seed=5, noise=1.5, gap_global=0.0, gap_identity=4.0)
+    ids = np.arange(20)
+    gallery_mean = np.stack([fs.gallery_feat[fs.gallery_id == k].mean(axis=0) for k in ids])
+    within = fs.gallery_feat - gallery_mean[fs.gallery_id]
+    assert 0.7 < np.sqrt((within ** 2).sum() / (len(within) - 20) / 16) < 0.8      # noise·s = 0.75
+    assert all((fs.query_id == k).sum() >= 8 for k in ids)
+    shift = np.stack([fs.query_feat[fs.query_id == k].mean(axis=0) for k in ids]) - gallery_mean
+    assert 1.7 < (shift - shift.mean(axis=0)).std(ddof=1) < 2.4                   # gap_identity·s = 2
+    assert fs.meta == {"generator": "vireid.retrieval.synthetic.synthetic_features", "seed": 5, "dim": 16,
+                       "num_ids": 20, "noise": 1.5, "gap_global": 0.0, "gap_identity": 4.0, "intrinsic_dim": None,
+                       "ambient_noise": 0.1}
+
+
+def test_synthetic_features_sizes() -> None:
+    one_each = synthetic_features(3, 5, 8, num_ids=5, seed=0)  # as many identities as gallery images
+    np.testing.assert_array_equal(one_each.gallery_id, np.arange(5))
+    assert one_each.gallery_feat.shape == (5, 8) and one_each.query_feat.shape == (3, 8)
+    with pytest.raises(InputError, match="sizes must be positive: queries=3, gallery=5, dim=0, ids=2"):
+        synthetic_features(3, 5, 0, num_ids=2)
+    with pytest.raises(InputError, match="num_ids=6 is larger than the gallery"):
+        synthetic_features(3, 5, 8, num_ids=6)

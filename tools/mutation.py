@@ -89,10 +89,12 @@ MAPPING: dict[str, tuple[str, ...]] = {
                                         "tests/test_retrieval_mutants.py"),
     "src/vireid/retrieval/graph.py": ("tests/test_knn.py", "tests/test_ranked.py", "tests/test_knn_mutants.py"),
     "src/vireid/retrieval/knn.py": ("tests/test_knn.py", "tests/test_ranked.py", "tests/test_knn_mutants.py"),
-    "src/vireid/retrieval/ranked.py": ("tests/test_ranked.py",),
+    "src/vireid/retrieval/ranked.py": ("tests/test_ranked.py", "tests/test_ranked_mutants.py"),
     "src/vireid/retrieval/synthetic.py": ("tests/test_rerank_paper.py", "tests/test_cli_rerank.py"),
-    "src/vireid/retrieval/gallery_state.py": ("tests/test_single_query.py", "tests/test_index.py"),
-    "src/vireid/retrieval/single.py": ("tests/test_single_query.py", "tests/test_index.py"),
+    "src/vireid/retrieval/gallery_state.py": ("tests/test_single_query.py", "tests/test_index.py",
+                                              "tests/test_gallery_state_mutants.py"),
+    "src/vireid/retrieval/single.py": ("tests/test_single_query.py", "tests/test_index.py",
+                                       "tests/test_gallery_state_mutants.py"),
 }
 #: functions that generate the Python source numba compiles (excluded with the kernels themselves).
 NUMBA_KERNELS: dict[str, tuple[str, ...]] = {"src/vireid/retrieval/sim.py": ("_kernel_source",)}

@@ -160,10 +160,10 @@ def _index(base: np.ndarray, options: RankedOptions) -> NeighbourIndex:
 
 def _take_topk(cand: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` smallest distances, ascending; equal distances ordered by gallery row."""
-    if len(cand) > k:
-        keep = np.argpartition(dist, k - 1)[:k]
+    if len(cand) > k:  # every entry tied with the k-th stays in the running until the lexsort
+        keep = dist <= np.partition(dist, k - 1)[k - 1]
         cand, dist = cand[keep], dist[keep]
-    order = np.lexsort((cand, dist))
+    order = np.lexsort((cand, dist))[:k]
     return cand[order], dist[order]
 
 
