@@ -488,3 +488,56 @@ def test_self_search_with_every_row_a_query():
     np.testing.assert_array_equal(idx, brute_force(base, base, 4)[0])
     np.testing.assert_array_equal(sim[:, 0], 1.0)
     assert [report.name for report in index.reports] == ["pool graph (query rows)"]
+
+
+def test_recall_keys_are_tagged_per_row():
+    """An index found in one row never counts as a hit of another row's list: by hand, rows 1-3 find
+    their neighbour 0, row 0 finds 1 instead of 0 (many rows, small indices: row tags must not overlap)."""
+    found = np.array([[1], [0], [0], [0]])
+    truth = np.zeros((4, 1), dtype=np.int64)
+    assert knn_module._recall(found, truth, None) == 0.75
+    found = np.array([[2, 1], [0, 2], [0, 1], [1, 2], [0, 2], [2, 0]])
+    truth = np.array([[0, 1], [0, 1], [0, 1], [0, 1], [0, 1], [0, 1]])
+    hits = sum(len(set(f) & set(t)) for f, t in zip(found.tolist(), truth.tolist()))  # loop: 1+1+2+1+1+1
+    assert knn_module._recall(found, truth, None) == hits / truth.size == 7 / 12
+
+
+def test_unit_float32_rows_are_normalised_without_a_copy():
+    """Rows already of unit norm come back as the same array (a million-row copy is 2 GiB); other
+    input is a normalised copy."""
+    base = clustered(n_ids=4, per_id=5, d=8, noise=0.5, seed=23).astype(np.float32)
+    assert knn_module.normalise_float32(base, name="base features") is base
+    scaled = 3.0 * base
+    out = knn_module.normalise_float32(scaled, name="base features")
+    assert out is not scaled and out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_allclose(out, base, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ivf", "hnsw"])
+def test_fixed_parameter_search_samples_no_rows(method):
+    """Without a recall target nothing is measured: recall None on 0 sampled rows."""
+    base = clustered(n_ids=20, per_id=20, d=8, noise=0.5, seed=24)
+    index = NeighbourIndex(base, method, ivf=IvfParams(nlist=16))
+    index.search(base[:30], 5)
+    index.self_search(5)
+    for report in index.reports:
+        assert (report.outcome, report.recall, report.sample) == ("fixed", None, 0)
+        assert report.to_dict()["sample"] == 0
+
+
+def test_query_errors_name_the_query_features():
+    base = clustered(n_ids=4, per_id=5, d=8, noise=0.5, seed=25)
+    index = NeighbourIndex(base, "exact")
+    with pytest.raises(InputError, match=r"^query features must be a non-empty 2-D float array"):
+        index.search(base[0], 3)
+    bad = base[:2].copy()
+    bad[1, 0] = np.nan
+    with pytest.raises(InputError, match=r"^query features contains non-finite values"):
+        index.search(bad, 3)
+
+
+def test_report_line_of_a_setting_without_a_parameter():
+    """A report without a tunable parameter shows the method alone."""
+    report = SearchReport(name="query lists", rows=50, k=5, method="exact", parameter=None, value=None,
+                          recall=None, sample=0, target=None, scan_fraction=None, outcome="fixed", seconds=0.1)
+    assert report.line() == "knn query lists (50 rows, k=5): exact (fixed; recall not measured)"

@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "distances of each query (ranked_index, ranked_dist) to an .npz instead of the Q×G matrix")
     parser.add_argument("--knn", choices=("auto", "exact", "ivf", "hnsw"), default="auto",
                         help="neighbour search of the ranked-list mode (auto: exact up to 50,000 items, IVF beyond)")
-    parser.add_argument("--recall-target", type=float, default=0.98, metavar="R",
+    parser.add_argument("--recall-target", type=float, default=0.99, metavar="R",
                         help="ranked-list mode, approximate --knn: recall@k each neighbour search must reach against "
                         "exact search (0: fixed nprobe 16 / 64, efSearch 128, recall not measured)")
     parser.add_argument("--recall-sample", type=int, default=1000, metavar="S",

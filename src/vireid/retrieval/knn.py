@@ -17,7 +17,7 @@ Four searchers share one interface, :class:`NeighbourIndex`:
 ==========  ====================================================================================
 
 ``nprobe`` / ``efSearch`` are chosen per search. With a :class:`RecallTarget` (the ranked-list
-mode's default, target 0.98) vireid measures, before each approximate search, the exact neighbour
+mode's default, target 0.99) vireid measures, before each approximate search, the exact neighbour
 lists of a seeded sample of its rows (faiss ``knn``), runs the approximate search on the same rows
 with growing ``nprobe`` (4, 6, 8, 12, 16, 24, … lists) or ``efSearch`` (max(k, 16), then doubling), and keeps the
 first value whose recall@k — the fraction of the exact k nearest found, averaged over the rows
@@ -103,7 +103,7 @@ class RecallTarget:
     at most ``max_scan_products`` in all; exact search as the fallback while it costs at most
     ``exact_max_products`` inner products."""
 
-    target: float = 0.98
+    target: float = 0.99
     sample: int = 1000
     max_scan_fraction: float = 0.25
     max_scan_products: float = MAX_SCAN_PRODUCTS

@@ -22,7 +22,7 @@ How each method finds its candidates (``P`` = the query's ``query_k`` nearest ga
 Approximate neighbour search (``knn`` ``ivf`` / ``hnsw``, or ``auto`` beyond 50,000 items) is
 recall-targeted by default (``RankedOptions.recall``, :class:`~vireid.retrieval.knn.RecallTarget`):
 each neighbour search measures its recall@k on a sample of rows and raises ``nprobe`` / ``efSearch``
-until it reaches 0.98; the choices and the measured recalls come back in :class:`RankedLists`.
+until it reaches 0.99; the choices and the measured recalls come back in :class:`RankedLists`.
 
 With an exact index and ``query_k = G`` the candidates are the whole gallery and the output is the
 dense method's top-K (:mod:`vireid.retrieval.aim`, ``.sim``, ``.kreciprocal``; their sparse
