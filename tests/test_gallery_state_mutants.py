@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
+from vireid.errors import InputError
 from vireid.retrieval import gallery_state
 from vireid.retrieval.gallery_state import GalleryState, GraphStore, SingleQueryParams, _GraphBase, _extended_lists
 from vireid.retrieval.single import l2_normalize_rows
@@ -149,3 +151,207 @@ def test_warm_up_builds_the_lazy_lookups(grown) -> None:
     for key, store in state.stores.items():
         assert store.base._csc is not None and store.base._sums is not None, key
     state.warm_up()  # cheap and harmless when done
+
+
+# ----------------------------------------------------------------------------------- parameters and layout
+
+
+def test_effective_parameters_keep_the_preset_and_clamp_mnnr_kq() -> None:
+    params = SingleQueryParams.resolve("sysu")
+    eff = params.effective(5)
+    assert eff.preset == "sysu" and eff.to_dict()["preset"] == "sysu"
+    default = SingleQueryParams.resolve()  # mnnr kq 12, kg 20, alpha 0.3: clamped to 5 and 5 - 1 items
+    assert dict(default.effective(5).mnnr) == {"kq": 5, "kg": 4, "alpha": 0.3}
+    assert dict(default.effective(100).mnnr) == {"kq": 12, "kg": 20, "alpha": 0.3}
+
+
+def test_graph_k_covers_a_large_sgr_graph() -> None:
+    """SGR's k_graph 40 exceeds every other size (AIM k1 30, SIM k_graph 20, reciprocal k 20 + 1, krr k2 6)."""
+    params = SingleQueryParams.resolve(params={"sgr": {"k_graph": 40}})
+    assert params.graph_k() == 40
+    feats = l2_normalize_rows(np.random.default_rng(6).standard_normal((50, 8)))
+    state = GalleryState.build(feats, params, knn="exact")
+    assert state.graph.k == 40 and state.graph.base.index.shape == (50, 40)
+
+
+def test_an_empty_gallery_is_refused_by_every_constructor() -> None:
+    params = SingleQueryParams.resolve()
+    with pytest.raises(InputError):
+        GalleryState.build(np.empty((0, 4), np.float32), params)
+    with pytest.raises(InputError):
+        GalleryState.from_graph(np.empty((0, 4), np.float32), params, np.empty((0, 1), np.int64),
+                                np.empty((0, 1), np.float32))
+    arrays = {"n": np.int64(0), "graph_index": np.empty((0, 1), np.int64), "graph_sim": np.empty((0, 1), np.float32)}
+    for key in ("aim", "half0", "recip-1"):  # the structures of 0 items (every k clamped to 0 or -1)
+        arrays.update({f"{key}.indptr": np.zeros(1, np.int32), f"{key}.indices": np.zeros(0, np.int32),
+                       f"{key}.data": np.zeros(0, np.float32)})
+    with pytest.raises(InputError):
+        GalleryState.from_base_arrays(arrays, params)
+
+
+def test_an_extended_graph_overlay_stays_float32(grown) -> None:
+    old, new, _, _, _ = grown
+    assert old.graph.overlay_sim.dtype == np.float32 and old.graph.overlay_sim.shape == (0, old.graph.k)
+    assert new.graph.overlay_sim.dtype == np.float32 and len(new.graph.ids)
+    assert new.graph.dense()[1].dtype == np.float32
+
+
+def test_every_structure_is_float32_for_float64_features() -> None:
+    """float64 unit features give the same float32 structures as their float32 copy would (the
+    k-reciprocal weights exp(-d) by a loop, d from float32)."""
+    feats = l2_normalize_rows(np.random.default_rng(7).standard_normal((40, 6))).astype(np.float64)
+    state = GalleryState.build(feats, SingleQueryParams.resolve(), knn="exact")
+    for key, store in state.stores.items():
+        assert store.base.csr.dtype == np.float32, key
+    recip = state.stores["recip20"].base.csr
+    for i in (0, 13):
+        for j, value in zip(recip[i].indices.tolist(), recip[i].data.tolist()):
+            d = 0.0 if i == j else float(np.sqrt(np.float32(max(2.0 - 2.0 * float(feats[i] @ feats[j]), 0.0))))
+            assert value == pytest.approx(np.exp(-d), rel=1e-6)
+
+
+def _loop_referencing(index: np.ndarray, items, m: int) -> list[int]:
+    return [r for r in range(len(index)) if set(index[r, :m].tolist()) & set(items)]
+
+
+def test_referencing_without_a_match() -> None:
+    """Rows listing one of ``items`` in their first m entries, by a loop; none (no item given, or
+    only items past the base of a store without overlay) is an empty int64 array."""
+    feats = _quarter_features(20, seed=1)
+    index, sim = _reference_lists(feats, 5)
+    graph = GraphStore(_GraphBase(index, sim.astype(np.float32)), 20)
+    for items, m in (([3], 2), ([0, 7], 5)):
+        assert graph.referencing(np.array(items), m).tolist() == _loop_referencing(index, items, m)
+    for items in (np.empty(0, np.int64), np.array([20, 21])):
+        wider = GraphStore(graph.base, 22)
+        out = wider.referencing(items, 3)
+        assert out.dtype == np.int64 and out.shape == (0,)
+
+
+def test_warm_up_calls_the_kernel_with_consistent_arrays(grown, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm-up compile runs the SGR kernel on arrays it can read: ``rows`` and ``edge`` of one
+    shape, every row index inside ``source`` (the kernel does no bounds checks)."""
+    _, _, full, _, _ = grown
+    calls = []
+    real = gallery_state._mean_of_shortest_paths
+
+    def checked(source, rows, edge, K, store, pool):
+        calls.append((rows.shape, edge.shape, K))
+        assert rows.shape == edge.shape and rows.shape[1] >= K
+        assert rows.min() >= 0 and rows.max() < source.shape[0]
+        return real(source, rows, edge, K, store, pool)
+
+    monkeypatch.setattr(gallery_state, "_mean_of_shortest_paths", checked)
+    full.warm_up()
+    assert [shape[1] for shape, _, _ in calls] == [20, 20]
+
+
+def _hand_layer() -> gallery_state._Layer:
+    """Rows 1 and 4 of a 5-item structure: row 1 = {0: 1, 2: 2}, row 4 = {1: 3} (no column past 2)."""
+    rows = sp.csr_matrix((np.array([1.0, 2.0, 3.0], np.float32), np.array([0, 2, 1]), np.array([0, 2, 3])),
+                         shape=(2, 5))
+    return gallery_state._Layer(np.array([1, 4]), rows)
+
+
+def _hand_dense(n: int) -> np.ndarray:
+    out = np.zeros((n, n), np.float32)
+    out[1, 0], out[1, 2], out[4, 1] = 1.0, 2.0, 3.0
+    return out
+
+
+def test_layer_columns_are_square_and_padded() -> None:
+    layer = _hand_layer()
+    columns = layer.columns(5)
+    assert columns.shape == (5, 5)
+    np.testing.assert_array_equal(columns.toarray(), _hand_dense(5))
+    assert layer.columns(5) is columns  # built once
+    np.testing.assert_array_equal(layer.columns(8).toarray(), _hand_dense(8))
+    with pytest.raises(ValueError, match="^a layer of 5 columns asked for 4$"):
+        layer.columns(4)
+
+
+def test_merging_no_rows_keeps_or_resizes_the_layer() -> None:
+    """Merging an empty layer at the same size keeps the layer (and its built column index); at a
+    larger size the same rows come back with more columns (what a store grown without changed rows holds)."""
+    layer = _hand_layer()
+    columns = layer.columns(5)
+    same = layer.merged(gallery_state._Layer.empty(5), 5)
+    assert same is layer and same.columns(5) is columns
+    wider = layer.merged(gallery_state._Layer.empty(7), 7)
+    assert wider.rows.shape == (2, 7) and wider.ids.tolist() == [1, 4]
+    np.testing.assert_array_equal(wider.columns(7).toarray(), _hand_dense(7))
+    store = gallery_state.RowStore(gallery_state._SparseBase(sp.csr_matrix(_hand_dense(5))), 5)
+    grown_store = store.with_rows(np.array([4]), sp.csr_matrix(_hand_dense(5)[[1]]), 5)
+    grown_store = grown_store.with_rows(np.empty(0, np.int64), sp.csr_matrix((0, 7), dtype=np.float32), 7)
+    expected = _hand_dense(7)
+    expected[4] = expected[1]
+    np.testing.assert_array_equal(grown_store[np.arange(5)].toarray(), expected[:5])
+
+
+# ----------------------------------------------------------------------------------- single.py
+
+
+def test_mnnr_distance_by_sets_in_float64() -> None:
+    """MNNR (SIM Eq. 6-8) by a loop over the expanded kg-reciprocal sets of the gallery's own graph:
+    alpha·d + (1 - alpha)·(1 - |N ∩ R*(g)| / |N ∪ R*(g)|), d from float32 similarities, the blend in float64."""
+    from test_knn_mutants import loop_expanded
+    from vireid.retrieval.single import query_distance
+
+    rng = np.random.default_rng(8)
+    gallery = l2_normalize_rows(rng.standard_normal((50, 8)))
+    query = l2_normalize_rows(rng.standard_normal((1, 8)))[0]
+    state = GalleryState.build(gallery, SingleQueryParams.resolve(), knn="exact")
+    kq, kg, alpha = 12, 20, 0.3
+    index, _ = state.graph.dense()
+    sim = (gallery @ query).astype(np.float64)
+    d = np.sqrt(np.maximum(np.float32(2) - np.float32(2) * sim.astype(np.float32), np.float32(0)))
+    ranked = np.argsort(d, kind="stable")
+    assert d[ranked[kq - 1]] < d[ranked[kq]]
+    near = set(ranked[:kq].tolist())
+    expected = np.empty(50)
+    for g in range(50):
+        sets = loop_expanded(index, g, kg)
+        expected[g] = alpha * float(d[g]) + (1.0 - alpha) * (1.0 - len(near & sets) / len(near | sets))
+    np.testing.assert_allclose(query_distance("mnnr", sim, state), expected, rtol=1e-13, atol=0)
+
+
+def test_aim_from_candidates_keeps_an_item_tying_the_kept_distance() -> None:
+    """Gallery items 21 and 34 are identical; the candidates are a true top-5 holding 34 but not 21
+    (equal similarity). With keep = 5, 34 is the 5th candidate, and 21's bound equals its distance:
+    21 must still be scored, so that ranking by (distance, row) gives the full scan's top 5
+    (21 before 34). Exact ±1/8 features: every similarity is exact in float32. The full scan is
+    checked against a dense SAAI Eq. 6-10."""
+    from vireid.retrieval.single import aim_from_candidates, query_distance
+
+    rng = np.random.default_rng(113)
+    n, d = 40, 64
+    feats = (rng.choice([-1.0, 1.0], (n, d)) / 8).astype(np.float32)
+    query = (rng.choice([-1.0, 1.0], d) / 8).astype(np.float32)
+    order = np.argsort(-(feats @ query), kind="stable")
+    feats[order[30]] = feats[order[8]]
+    a, b = 21, 34
+    assert (order[30], order[8]) == (a, b)
+    sim = feats @ query
+    cand = np.concatenate([np.flatnonzero(sim > sim[b]), [b]])
+    assert len(cand) == 5 and sim[a] == sim[b] == sim[cand].min()
+    state = GalleryState.build(feats, SingleQueryParams.resolve(params={"aim": {"k1": 4, "k2": 2}}), knn="exact")
+    full = query_distance("aim", sim.astype(np.float64), state)
+    # dense SAAI: S_n = top-k1 row of n, G'_i = normalize(mean of S_n over the k2 nearest n), Q' likewise
+    index, gsim = state.graph.dense()
+    s_rows = np.zeros((n, n))
+    for i in range(n):
+        s_rows[i, index[i, :4]] = gsim[i, :4]
+    g_rows = np.stack([s_rows[index[i, :2]].mean(axis=0) for i in range(n)])
+    g_rows /= np.linalg.norm(g_rows, axis=1, keepdims=True)
+    top = np.argsort(-sim, kind="stable")[:4]
+    q_row = np.zeros(n)
+    q_row[top] = sim[top]
+    np.testing.assert_allclose(full, -(g_rows @ (q_row / np.linalg.norm(q_row))) - sim, atol=1e-6)
+    assert full[a] == full[b]
+    want = sorted(range(n), key=lambda i: (full[i], i))[:5]
+    assert a in want and b not in want
+    rows, dist = aim_from_candidates(query, feats, state, cand, sim[cand], keep=5)
+    assert a in rows.tolist()
+    best = np.lexsort((rows, dist))[:5]
+    assert rows[best].tolist() == want
+    np.testing.assert_allclose(dist[best], full[want], atol=1e-12)
