@@ -50,10 +50,10 @@ def test_serve_without_the_serve_extra_says_which_extra_in_one_line(tmp_path: Pa
 
 
 def test_require_names_the_pypi_package_and_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "multipart", None)
+    monkeypatch.setitem(sys.modules, "python_multipart", None)
     with pytest.raises(MissingExtra, match=r"^uploads needs python-multipart, which is not installed: "
                                            r"pip install 'vireid\[serve\]'$"):
-        require("multipart", "uploads")
+        require("python_multipart", "uploads")
     assert require("onnx", "export") is sys.modules["onnx"]
 
 

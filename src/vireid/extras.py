@@ -16,7 +16,7 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "tensorboard": ("train", "tensorboard"),
     "fastapi": ("serve", "fastapi"),
     "uvicorn": ("serve", "uvicorn"),
-    "multipart": ("serve", "python-multipart"),
+    "python_multipart": ("serve", "python-multipart"),
     "onnx": ("serve", "onnx"),
     "onnxruntime": ("serve", "onnxruntime"),
 }

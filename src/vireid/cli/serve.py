@@ -69,7 +69,7 @@ def allowed_hosts(host: str, given: list[str] | None) -> tuple[str, ...]:
 def run(args: argparse.Namespace) -> int:
     from vireid.extras import require
 
-    for module in ("fastapi", "multipart"):
+    for module in ("fastapi", "python_multipart"):
         require(module, "vireid serve")
     uvicorn = require("uvicorn", "vireid serve")
     from vireid.serve.app import ServiceConfig, bind_warning, create_app, read_token
