@@ -9,6 +9,8 @@ import re
 import numpy as np
 import pytest
 
+from test_ranked import SMALL_PARAMS
+
 from vireid import progress
 from vireid.errors import InputError
 from vireid.retrieval.aim import aim
@@ -16,11 +18,6 @@ from vireid.retrieval.kreciprocal import krr
 from vireid.retrieval import ranked
 from vireid.retrieval.ranked import RankedOptions, rerank_ranked
 
-SMALL_PARAMS = {
-    "aim": {"k1": 10, "k2": 4},
-    "sim": {"lam": 0.05, "K": 5, "k_graph": 10, "kq": 6, "kg": 8, "alpha": 0.4},
-    "krr": {"k1": 8, "k2": 3, "lam": 0.3},
-}
 
 
 @pytest.fixture(scope="module")
