@@ -228,22 +228,24 @@ def test_referencing_without_a_match() -> None:
         assert out.dtype == np.int64 and out.shape == (0,)
 
 
-def test_warm_up_calls_the_kernel_with_consistent_arrays(grown, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The warm-up compile runs the SGR kernel on arrays it can read: ``rows`` and ``edge`` of one
-    shape, every row index inside ``source`` (the kernel does no bounds checks)."""
+def test_warm_up_loads_the_compiled_sgr_kernel_of_the_state_parameters(grown, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server warms up once: afterwards every single-query SGR uses the compiled loop, for the
+    (k_graph, K) of ``sgr`` and ``sim`` in the state's parameters."""
+    from vireid.retrieval import sim as sim_module
     _, _, full, _, _ = grown
-    calls = []
-    real = gallery_state._mean_of_shortest_paths
-
-    def checked(source, rows, edge, K, store, pool):
-        calls.append((rows.shape, edge.shape, K))
-        assert rows.shape == edge.shape and rows.shape[1] >= K
-        assert rows.min() >= 0 and rows.max() < source.shape[0]
-        return real(source, rows, edge, K, store, pool)
-
-    monkeypatch.setattr(gallery_state, "_mean_of_shortest_paths", checked)
+    monkeypatch.setattr(sim_module, "_COMPILED_KERNELS", {})
     full.warm_up()
-    assert [shape[1] for shape, _, _ in calls] == [20, 20]
+    wanted = {(int(full.effective.method(m)["k_graph"]), int(full.effective.method(m)["K"])) for m in ("sgr", "sim")}
+    assert set(sim_module._COMPILED_KERNELS) == wanted
+    for kernel in sim_module._COMPILED_KERNELS.values():       # the float64 specialisation single queries use
+        assert [str(signature[0]) for signature in kernel.signatures] == ["array(float64, 2d, C)"]
+    calls = []
+    monkeypatch.setattr(sim_module, "_network_means", lambda *a: calls.append(a))
+    store = []
+    k_graph, K = sorted(wanted)[0]
+    sim_module._mean_of_shortest_paths(np.zeros((1, 1)), np.zeros((1, k_graph), np.int64), np.zeros((1, k_graph)),
+                                       K, lambda columns, mean: store.append(mean), gallery_state.SERIAL)
+    assert calls == [] and store[0].tolist() == [[0.0]]
 
 
 def _hand_layer() -> gallery_state._Layer:

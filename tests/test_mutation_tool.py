@@ -66,7 +66,7 @@ def test_numba_kernels_are_found_and_marked(tool, tmp_path):
     assert lines[7].endswith("def compiled():  # pragma: no mutate block")
     assert "pragma" not in lines[10]
     facts = tool.source_facts(REPO / "src/vireid/retrieval/sim.py", "src/vireid/retrieval/sim.py")
-    assert {"_shortest_path_kernel", "_kernel_source"} <= {name for name, _ in facts.numba}
+    assert {"_load_kernel", "_kernel_source"} <= {name for name, _ in facts.numba}
 
 
 def test_scores_count_timeouts_as_detected_and_discount_equivalents(tool, capsys):

@@ -17,7 +17,8 @@ from vireid.retrieval.kreciprocal import pool_neighbours
 from vireid.retrieval.sim import (
     _mean_of_shortest_paths,
     _sgr_sequential,
-    _shortest_path_kernel,
+    _load_kernel,
+    _network_means,
     _update_levels,
     smallest_sorted_network,
 )
@@ -44,14 +45,67 @@ def test_selection_network_leaves_the_k_smallest_sorted(n: int, k: int) -> None:
 def test_compiled_kernel_gives_the_mean_of_the_k_smallest(n: int, k: int) -> None:
     values = np.random.default_rng(n * 100 + k).integers(0, 6, size=(n, 500)).astype(np.float32)
     out = np.empty((1, 500), dtype=np.float32)
-    _shortest_path_kernel(n, k)(values, np.arange(n)[None], np.zeros((1, n), np.float32), 0, 1, out)
+    _load_kernel(n, k)(values, np.arange(n)[None], np.zeros((1, n), np.float32), 0, 1, out)
     np.testing.assert_array_equal(out[0], np.sort(values, axis=0)[:k].mean(axis=0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n", "k"), NETWORK_SIZES)
+def test_numpy_network_gives_bitwise_the_compiled_kernels_means(n: int, k: int, dtype: type) -> None:
+    """The two ways of running the network: the same min/max steps and summation order, so the same bits."""
+    rng = np.random.default_rng(n * 100 + k)
+    columns, batch = 13, 37
+    source = np.concatenate([rng.integers(0, 6, size=(10, batch)), rng.random((10, batch))]).astype(dtype)  # ties
+    rows = rng.integers(0, len(source), size=(columns, n))
+    edge = (rng.random((columns, n)) * rng.integers(0, 2, size=(columns, n))).astype(dtype)  # zeros: more ties
+    compiled, stepped = np.empty((columns - 3, batch), dtype), np.empty((columns - 3, batch), dtype)
+    _load_kernel(n, k)(source, rows, edge, 2, columns - 1, compiled)
+    _network_means(smallest_sorted_network(n, k), k, source, rows, edge, 2, columns - 1, stepped)
+    np.testing.assert_array_equal(stepped, compiled)
+    paths = np.sort(source[rows[2:columns - 1]] + edge[2:columns - 1, :, None], axis=1)
+    np.testing.assert_allclose(stepped, paths[:, :k].mean(axis=1), rtol=1e-6 if dtype == np.float32 else 1e-14)
+
+
+def test_the_compiled_loop_runs_from_its_threshold_or_once_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below ``COMPILED_KERNEL_MIN_PAIRS`` pairs (this call's plus the process's earlier numpy-step
+    calls') the network runs as numpy steps (numba is never imported); from it on, or once the
+    kernel is loaded in the process, as the compiled loop."""
+    from vireid.retrieval import sim as sim_module
+
+    dist_t, neighbours, edge = _sgr_inputs(np.float32)
+    used = []
+    monkeypatch.setattr(sim_module, "_COMPILED_KERNELS", {})
+    monkeypatch.setattr(sim_module, "_stepped_pairs", [0])
+    real_numpy, real_load = sim_module._network_means, sim_module._load_kernel
+    monkeypatch.setattr(sim_module, "_network_means", lambda *a: used.append("numpy") or real_numpy(*a))
+    monkeypatch.setattr(sim_module, "_load_kernel", lambda *a: used.append("load") or real_load(*a))
+    pairs = dist_t.shape[0] * dist_t.shape[1]
+
+    def run(threshold: int, pairs_of_the_call: int | None = None) -> np.ndarray:
+        monkeypatch.setattr(sim_module, "COMPILED_KERNEL_MIN_PAIRS", threshold)
+        got = np.empty_like(dist_t)
+        used.clear()
+        with ThreadPoolExecutor(2) as pool:
+            _mean_of_shortest_paths(dist_t, neighbours, edge, 3, lambda c, m: got.__setitem__(c, m), pool,
+                                    pairs_of_the_call)
+        return got
+
+    first = run(pairs + 1)
+    assert set(used) == {"numpy"} and sim_module._COMPILED_KERNELS == {}
+    assert sim_module._stepped_pairs == [pairs]
+    run(2 * pairs + 1)                                        # pairs + pairs < threshold: numpy again
+    assert set(used) == {"numpy"} and sim_module._stepped_pairs == [2 * pairs]
+    run(10**9, pairs_of_the_call=10**9 - 2 * pairs)           # the whole computation's pairs decide, with
+    assert used == ["load"] and list(sim_module._COMPILED_KERNELS) == [(8, 3)]   # the earlier ones
+    assert sim_module._stepped_pairs == [2 * pairs]
+    np.testing.assert_array_equal(run(10**12), first)         # loaded: used whatever the size, same bits
+    assert used == []
 
 
 _KERNEL_RUN = """
 import numpy as np
-from vireid.retrieval.sim import _shortest_path_kernel
-kernel = _shortest_path_kernel(7, 3)
+from vireid.retrieval.sim import compiled_kernel
+kernel = compiled_kernel(7, 3)
 values = np.arange(70, dtype=np.float32).reshape(7, 10)[::-1].copy()
 out = np.empty((1, 10), np.float32)
 kernel(values, np.arange(7)[None], np.zeros((1, 7), np.float32), 0, 1, out)
@@ -102,8 +156,19 @@ def _sgr_inputs(dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return dist_t, neighbours, edge
 
 
+@pytest.fixture(params=["numpy", "compiled"])
+def network_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with SGR's network as numpy steps, then as the compiled loop (none loaded before)."""
+    from vireid.retrieval import sim as sim_module
+
+    monkeypatch.setattr(sim_module, "_COMPILED_KERNELS", {})
+    monkeypatch.setattr(sim_module, "_stepped_pairs", [0])
+    monkeypatch.setattr(sim_module, "COMPILED_KERNEL_MIN_PAIRS", 0 if request.param == "compiled" else 10**15)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_sgr_network_mean_is_bitwise_the_sorted_mean(dtype: type) -> None:
+def test_sgr_network_mean_is_bitwise_the_sorted_mean(dtype: type, network_path: str) -> None:
     dist_t, neighbours, edge = _sgr_inputs(dtype)
     K = 3
     paths = dist_t[neighbours] + edge[:, :, None]
@@ -119,7 +184,7 @@ def test_sgr_network_mean_is_bitwise_the_sorted_mean(dtype: type) -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_sgr_reference_levels_equal_the_column_by_column_update(dtype: type) -> None:
+def test_sgr_reference_levels_equal_the_column_by_column_update(dtype: type, network_path: str) -> None:
     dist_t, neighbours, edge = _sgr_inputs(dtype)
     K = 3
     want = dist_t.copy()
@@ -130,7 +195,7 @@ def test_sgr_reference_levels_equal_the_column_by_column_update(dtype: type) -> 
     levels = _update_levels(neighbours)
     assert len(levels) > 1
     with ThreadPoolExecutor(2) as pool:
-        got = _sgr_sequential(np.concatenate([dist_t, dist_t]), neighbours, edge, K, levels, pool)
+        got = _sgr_sequential(np.concatenate([dist_t, dist_t]), neighbours, edge, K, levels, pool, dist_t.size)
     np.testing.assert_array_equal(got, want)
 
 

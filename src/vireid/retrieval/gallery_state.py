@@ -37,7 +37,7 @@ from vireid.retrieval.graph import NeighbourGraph, build_graph, expanded_k_recip
 from vireid.retrieval.knn import NeighbourIndex
 from vireid.retrieval.kreciprocal import gaussian_vectors, local_expansion, shared_mass
 from vireid.retrieval.presets import PRESETS, get_method, resolve_params
-from vireid.retrieval.sim import _mean_of_shortest_paths
+from vireid.retrieval.sim import preload_compiled_kernel
 
 #: Methods one query can be re-ranked with; ``plain`` needs no gallery structure.
 SINGLE_QUERY_METHODS = ("plain", "aim", "sgr", "mnnr", "sim", "krr")
@@ -761,9 +761,7 @@ class GalleryState:
             store.sums()
         for method in ("sgr", "sim"):
             p = self.effective.method(method)
-            k_graph = int(p["k_graph"])
-            _mean_of_shortest_paths(np.zeros((1, 1)), np.zeros((1, k_graph), np.int64), np.zeros((1, k_graph)),
-                                    int(p["K"]), lambda columns, mean: None, SERIAL)
+            preload_compiled_kernel(int(p["k_graph"]), int(p["K"]), np.float64)   # single-query SGR's dtype
 
     def base_arrays(self) -> dict[str, np.ndarray]:
         """The arrays of a base-only state (see :meth:`compacted`)."""
