@@ -243,7 +243,8 @@ def describe_searches(row: dict) -> str:
             continue
         setting = (f"{search['parameter']} {search['value']}" if search["parameter"] else search["method"])
         recall = "" if search["recall"] is None else f" recall {search['recall']:.3f}"
-        flag = {"met": "", "fixed": "", "exact fallback": " (exact fallback)", "below target": " (BELOW TARGET)"}
+        flag = {"met": "", "fixed": "", "exact, few rows": " (exact: few rows)", "exact fallback": " (exact fallback)",
+                "below target": " (BELOW TARGET)"}
         parts.append(f"{search['name']}: {setting}{recall}{flag[search['outcome']]}")
     return "; ".join(parts)
 

@@ -332,7 +332,7 @@ def test_scan_fraction_is_the_probed_share_of_the_base():
 
 def test_unreachable_target_falls_back_to_exact_search_and_says_so(caplog):
     queries, base = distribution("isotropic", n=3000, n_query=100)
-    index = NeighbourIndex(base, "ivf", recall=RecallTarget(target=1.0, sample=300, max_scan_fraction=0.05), seed=5)
+    index = NeighbourIndex(base, "ivf", recall=RecallTarget(target=1.0, sample=40, max_scan_fraction=0.05), seed=5)
     with caplog.at_level("INFO", logger="vireid.retrieval.knn"):
         idx, sim = index.search(queries, 20)
     want_idx, want_sim = brute_force(queries, base, 20)
@@ -429,9 +429,32 @@ def test_exact_fallback_boundary_is_inclusive():
     queries, base = distribution("offset", n=1000, n_query=50)
     for products, outcome in ((50 * 1000, "exact fallback"), (50 * 1000 - 1, "below target")):
         index = NeighbourIndex(base, "ivf", ivf=IvfParams(nlist=64), seed=1, recall=RecallTarget(
-            target=1.0, sample=50, max_scan_fraction=0.08, exact_max_products=products))
+            target=1.0, sample=20, max_scan_fraction=0.08, exact_max_products=products))
         index.search(queries, 10)
         assert index.reports[0].outcome == outcome
+
+
+def test_a_search_of_at_most_twice_the_sample_rows_is_exact_when_exact_search_is_allowed(caplog):
+    """Measuring recall costs an exact search of the sample: up to 2 × sample rows the search is exact
+    (outcome "exact, few rows", one info line); one row more, or no exact budget, and the ladder runs."""
+    queries, base = distribution("offset", n=1000, n_query=41)
+    for rows, exact_max, outcome in ((40, 1e9, "exact, few rows"), (41, 1e9, "met"), (40, 40 * 1000 - 1, "met"),
+                                     (40, 40 * 1000, "exact, few rows")):
+        index = NeighbourIndex(base, "ivf", ivf=IvfParams(nlist=16), seed=1,
+                               recall=RecallTarget(target=0.5, sample=20, exact_max_products=exact_max))
+        with caplog.at_level("INFO", logger="vireid.retrieval.knn"):
+            caplog.clear()
+            idx, sim = index.search(queries[:rows], 10)
+        report = index.reports[0]
+        assert report.outcome == outcome, (rows, exact_max)
+        if outcome == "exact, few rows":
+            np.testing.assert_array_equal(idx, brute_force(queries[:rows], base, 10)[0])
+            assert (report.method, report.value, report.recall, report.sample) == ("exact", None, 1.0, 0)
+            assert [r.getMessage() for r in caplog.records] == [
+                f"knn query lists ({rows} rows, k=10): exact (measuring the recall of an approximate search would "
+                "cost half as much or more)"]
+        else:
+            assert (report.method, report.sample) == ("ivf", 20)
 
 
 def test_default_fallback_searches_a_100k_pool_exactly_but_not_a_million():
@@ -441,7 +464,7 @@ def test_default_fallback_searches_a_100k_pool_exactly_but_not_a_million():
     assert 102_000 * 102_000 <= default.exact_max_products < 1_000_000 * 100_000
     queries, base = distribution("offset", n=1000, n_query=50)
     index = NeighbourIndex(base, "ivf", ivf=IvfParams(nlist=64), seed=1,
-                           recall=RecallTarget(target=1.0, sample=50, max_scan_fraction=0.08))
+                           recall=RecallTarget(target=1.0, sample=20, max_scan_fraction=0.08))
     index.search(queries, 10)
     assert index.reports[0].outcome == "exact fallback"
 

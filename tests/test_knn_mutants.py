@@ -244,7 +244,7 @@ def test_similarities_are_float32(method):
 def test_single_list_ivf_with_a_recall_target():
     """nlist = 1: the ladder is [1], scanning everything, recall 1."""
     base = clustered(n_ids=10, per_id=20, d=8, noise=0.5, seed=8)
-    index = NeighbourIndex(base, "ivf", ivf=IvfParams(nlist=1), recall=RecallTarget(target=0.99, sample=50))
+    index = NeighbourIndex(base, "ivf", ivf=IvfParams(nlist=1), recall=RecallTarget(target=0.99, sample=10))
     idx, _ = index.search(base[:40], 7)
     np.testing.assert_array_equal(idx, brute_force(base[:40], base, 7)[0])
     report = index.reports[0]
@@ -465,7 +465,7 @@ def test_ivf_ladder_with_2048_lists_is_every_step_up_to_nlist():
 def test_hnsw_recall_ladder_starts_at_ef_16():
     """efSearch max(k, 16), 2·that, …: k = 5 on 300 items meets a low target at the first step, 16."""
     base = clustered(n_ids=15, per_id=20, d=8, noise=0.5, seed=20)
-    index = NeighbourIndex(base, "hnsw", recall=RecallTarget(target=0.5, sample=50))
+    index = NeighbourIndex(base, "hnsw", recall=RecallTarget(target=0.5, sample=20))
     index.search(base[:50], 5)
     assert (index.reports[0].outcome, index.reports[0].value) == ("met", 16)
 
@@ -473,7 +473,7 @@ def test_hnsw_recall_ladder_starts_at_ef_16():
 def test_hnsw_recall_target_on_a_tiny_base():
     """Fewer than 8 items: no efSearch step lies below twice the base size, the ladder is [max(k, 16)]."""
     base = clustered(n_ids=3, per_id=2, d=8, noise=0.5, seed=21)
-    index = NeighbourIndex(base, "hnsw", recall=RecallTarget(target=1.0, sample=6))
+    index = NeighbourIndex(base, "hnsw", recall=RecallTarget(target=1.0, sample=2))
     idx, _ = index.search(base, 3)
     np.testing.assert_array_equal(idx, brute_force(base, base, 3)[0])
     report = index.reports[0]

@@ -198,12 +198,12 @@ def test_cli_topk_reports_the_recall_of_each_search(tmp_path, features, capsys):
                                    np.ones(30, np.int64), np.full(320, 2, np.int64)))
     out = tmp_path / "ranks.npz"
     assert main(["rerank", str(path), "--method", "aim", "--topk", "10", "--knn", "hnsw", "--param", "k1=6",
-                 "--recall-target", "0.9", "--recall-sample", "20", "--out", str(out)]) == 0
+                 "--recall-target", "0.9", "--recall-sample", "10", "--out", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
     meta = json.loads(str(np.load(out)["meta_json"]))
     assert meta["recall_target"] == 0.9 and [s["name"] for s in meta["searches"]] == ["gallery graph", "query lists"]
     for search in meta["searches"]:
-        assert search["method"] in ("hnsw", "exact") and search["sample"] == 20 and search["target"] == 0.9
+        assert search["method"] in ("hnsw", "exact") and search["sample"] == 10 and search["target"] == 0.9
         line = next(text for text in printed if text.startswith(f"knn {search['name']} "))
         assert f"{search['recall']:.4f}" in line
     assert main(["rerank", str(path), "--method", "aim", "--topk", "10", "--knn", "ivf", "--recall-target", "0",

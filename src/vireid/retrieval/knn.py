@@ -18,12 +18,15 @@ Four searchers share one interface, :class:`NeighbourIndex`:
 
 ``nprobe`` / ``efSearch`` are chosen per search. With a :class:`RecallTarget` (the ranked-list
 mode's default, target 0.99) vireid measures, before each approximate search, the exact neighbour
-lists of a seeded sample of its rows (faiss ``knn``), runs the approximate search on the same rows
-with growing ``nprobe`` (4, 6, 8, 12, 16, 24, … lists) or ``efSearch`` (max(k, 16), then doubling), and keeps the
+lists of a seeded sample of its rows (faiss ``knn``; a search of at most twice the sample's rows is
+exact instead: the measurement alone would cost half an exact search), measures the approximate
+search's recall on the same rows with growing ``nprobe`` (4, 6, 8, 12, 16, 24, … lists) or ``efSearch`` (max(k, 16), then doubling), and keeps the
 first value whose recall@k — the fraction of the exact k nearest found, averaged over the rows
 (faiss' ``knn_intersection_measure``, computed vectorised; in a self graph: of the k − 1 nearest
-other items) — reaches the target. Each step of the IVF ladder scans only the lists it adds. The sample rows go through the very scan that then runs on all rows, so the measured recall
-estimates the search's own. Budget: an approximate search may compute at most
+other items) — reaches the target. The IVF scan is exact on the lists it scans, so its recall at
+each ``nprobe`` is counted without scanning: the share of the sampled rows' exact neighbours whose
+list is among the row's ``nprobe`` nearest (the lists the search then scans, so the measured recall
+estimates the search's own); HNSW searches the sample at each ``efSearch``. Budget: an approximate search may compute at most
 ``max_scan_fraction`` of the inner products of an exact search (IVF: the sizes of the probed lists,
 what faiss' ``IndexIVFStats.ndis`` counts; HNSW: faiss' ``hnsw_stats.ndis``), and at most
 ``max_scan_products`` in all (what bounds the time of a million-item graph). If the target is not
@@ -34,7 +37,8 @@ a target, the fixed :class:`IvfParams` / :class:`HnswParams` values are used. Ev
 
 faiss' ``ParameterSpace`` is not used for IVF: it explores faiss' own ``IndexIVFFlat.search``,
 which needs a second copy of the base in faiss' inverted lists (2 GiB at a million) and is not the
-list-major scan that builds the graph; measuring the scan itself is cheaper and exact.
+list-major scan that builds the graph; counting the recall from the exact neighbours' lists is
+cheaper and exact.
 
 Results are ``(index int64 (n, k), similarity float32 (n, k))``, best first. faiss uses the
 threads set by ``faiss.omp_set_num_threads``; nothing here changes them.
@@ -51,7 +55,7 @@ import numpy as np
 
 from vireid.errors import InputError
 from vireid.progress import progress_bar
-from vireid.retrieval.exact import l2_normalize
+from vireid.retrieval.exact import l2_normalize, topk_largest
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +65,9 @@ MAX_SCAN_PRODUCTS = 2e10
 """Most inner products an approximate search may compute in all, whatever its share of an exact
 search (2 % of a million-item graph, about 5 minutes of IVF scan on two cores at d = 512), and the
 most an exact search replacing one that misses its recall target may compute (a graph of 141,000
-items, about 6 minutes on one core: an exact product costs about a third of an IVF one)."""
+items, about 2 minutes on two cores: an exact product costs less than half an IVF one)."""
 _IVF_LADDER_START = 4
+_FEW_ENTRIES = 8  # a row's entries above its k-th merged one by one up to this many, else its top-k first
 _BLOCK_ELEMENTS = 1 << 24  # similarity entries per matmul block (64 MiB float32)
 # queries per faiss ``knn`` call of the exact search: faiss tiles the base itself (4096 x 1024 blocks),
 # so memory is only rows x k, while each call reads the whole base once: small calls are memory-bound
@@ -127,7 +132,8 @@ class SearchReport:
     """What one neighbour search did.
 
     ``outcome``: ``exact`` (exact search asked for), ``fixed`` (approximate, fixed parameter, recall
-    not measured), ``met`` (the target holds on the sample), ``exact fallback`` (not met within the
+    not measured), ``exact, few rows`` (at most twice the sample's rows: measuring the recall would
+    cost half an exact search or more), ``met`` (the target holds on the sample), ``exact fallback`` (not met within the
     budget, searched exactly; ``note`` gives the best approximate setting tried), ``below target``
     (not met, searched with the best value reached). ``method``/``parameter``/``value``: what the
     search used; ``recall``: its recall@k on the ``sample`` rows (1.0 for exact search, ``None`` when
@@ -153,6 +159,8 @@ class SearchReport:
         setting = f"{self.method} {self.parameter} {self.value}" if self.parameter else self.method
         if self.outcome == "exact":
             return f"{head}: exact"
+        if self.outcome == "exact, few rows":
+            return f"{head}: exact (measuring the recall of an approximate search would cost half as much or more)"
         if self.outcome == "fixed":
             return f"{head}: {setting} (fixed; recall not measured)"
         measured = _measured(self.k, self.recall, self.sample, self.scan_fraction)
@@ -344,6 +352,8 @@ class NeighbourIndex:
             return self._record(_Plan(self.method, value), name, x, k, parameter, None, 0, fraction, "fixed",
                                 started)
         target = self.recall
+        if len(x) <= 2 * target.sample and len(x) * (hi - lo) <= target.exact_max_products:
+            return self._record(_Plan("exact", None), name, x, k, None, 1.0, 0, 1.0, "exact, few rows", started)
         rng = np.random.default_rng(self.seed)
         sample = np.sort(rng.choice(len(x), min(target.sample, len(x)), replace=False))
         xs = x[sample]
@@ -353,20 +363,19 @@ class NeighbourIndex:
         probes = self._probe_rows(xs, own, ladder[-1]) if self.method == "ivf" else None
         fractions = None if probes is None else self._scan_fractions(probes, lo, hi)
         budget = min(target.max_scan_fraction, target.max_scan_products / (len(x) * (hi - lo)))
+        ivf_recalls = None if probes is None else self._ivf_recalls(truth, own, probes)
         best: tuple[int, float, float] | None = None
-        scanned, done = None, 0  # IVF: the sample's lists so far; each step scans only the new ones
         for value in ladder:
             if probes is not None:
                 fraction = float(fractions[value - 1])
                 if fraction > budget and best is not None:
                     break
-                scanned = self._ivf_search(xs, _probe_pairs(probes[:, done:value]), k, lo, hi, "", start=scanned)
-                found, done = scanned[0], value
+                recall = float(ivf_recalls[value - 1])
             else:
                 found, fraction = self._hnsw_sample(xs, k, lo, hi, value)
                 if fraction > budget and best is not None:
                     break
-            recall = _recall(found, truth, own)
+                recall = _recall(found, truth, own)
             best = (value, recall, fraction)
             if recall >= target.target:
                 return self._record(_Plan(self.method, value), name, x, k, parameter, recall, len(sample),
@@ -403,6 +412,23 @@ class NeighbourIndex:
             values.append(ef)
             ef *= 2
         return values or [max(k, 16)]
+
+    def _ivf_recalls(self, truth: np.ndarray, own: np.ndarray | None, probes: np.ndarray) -> np.ndarray:
+        """recall@k of an IVF search of the sampled rows at nprobe 1, 2, …, ``probes.shape[1]``.
+
+        The scan is exact on the lists it scans, so a row finds one of its exact ``truth``
+        neighbours exactly when that neighbour's list is among the row's first ``nprobe`` probes
+        (``probes``: every list, nearest first).  In a self search (``own``) the row itself is not
+        counted, as in :func:`_recall`.
+        """
+        if own is not None:
+            if truth.shape[1] == 1:
+                return np.ones(probes.shape[1])
+            truth = _without_self(truth, own, truth.shape[1] - 1)
+        rank_of_list = np.empty_like(probes)
+        np.put_along_axis(rank_of_list, probes, np.arange(probes.shape[1])[None, :], axis=1)
+        ranks = np.take_along_axis(rank_of_list, self._probes[truth, 0], axis=1)
+        return np.cumsum(np.bincount(ranks.ravel(), minlength=probes.shape[1])) / truth.size
 
     def _scan_fractions(self, probes: np.ndarray, lo: int, hi: int) -> np.ndarray:
         """IVF cost per row at nprobe 1, 2, …: the mean size (within [lo, hi)) of the probed lists over
@@ -465,43 +491,53 @@ class NeighbourIndex:
         return out
 
     def _ivf_search(self, x: np.ndarray, probes: tuple[np.ndarray, np.ndarray], k: int, lo: int, hi: int,
-                    desc: str, start: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """IVF-flat search by list: every list is scanned once, by one matmul with all rows probing it,
-        and each row keeps a running top-k (the scan is compute-bound rather than memory-bound).
+                    desc: str) -> tuple[np.ndarray, np.ndarray]:
+        """IVF-flat search by list: a list is scanned by one matmul with the rows probing it, and each
+        row keeps a running top-k list, best first (the scan is compute-bound, not memory-bound).
 
-        ``probes``: flat ``(row of x, list)`` pairs, each row with its lists (rows may differ in count);
-        ``start``: a previous result of the same rows to extend (the recall ladder scans only new lists).
+        The probes are scanned in passes by rank, each pass list by list: first every row's nearest
+        list, whose top-k opens the row's list; then its 2nd, its 3rd–4th, 5th–8th, … nearest lists,
+        where only similarities above the row's current k-th are merged.  Near lists come first, so
+        the k-th values rise early and few of the later, larger passes' products get past them.
+        ``probes``: flat ``(row of x, list)`` pairs, each row's lists together and best first (rows
+        may differ in count).
         """
-        import faiss
-
         n = len(x)
-        if start is None:
-            best_sim = np.full((n, k), -np.inf, dtype=np.float32)
-            best_idx = np.full((n, k), -1, dtype=np.int64)
-        else:
-            best_idx, best_sim = start[0].copy(), start[1].copy()
+        best_idx, best_sim = np.full((n, k), -1, dtype=np.int64), np.full((n, k), -np.inf, dtype=np.float32)
         probe_rows, probe_lists = probes
-        probing = _InvertedLists.build(probe_lists, self._lists.n_lists)
-        for lst in progress_bar(range(self._lists.n_lists), desc=desc, enabled=self.progress and bool(desc)):
-            rows = probe_rows[probing.members(lst)]
+        position = np.arange(len(probe_rows), dtype=np.int32)         # int32: a million-row graph's pairs
+        first = np.ones(len(probe_rows), dtype=bool)
+        first[1:] = probe_rows[1:] != probe_rows[:-1]
+        rank = position - np.maximum.accumulate(np.where(first, position, 0))
+        del position, first
+        scan_pass = np.full(len(rank), -1, dtype=np.int8)                         # -1: opens the row's list
+        later = rank > 0
+        scan_pass[later] = np.floor(np.log2(rank[later].astype(np.float32)))    # ranks 1, 2–3, 4–7, …
+        del rank, later
+        steps = []
+        for number in np.unique(scan_pass):
+            chosen = scan_pass == number
+            probing, rows_of = _InvertedLists.build(probe_lists[chosen], self._lists.n_lists), probe_rows[chosen]
+            steps += [(lst, probing, rows_of, number < 0) for lst in range(self._lists.n_lists)]
+        for lst, probing, rows_of, opening in progress_bar(steps, desc=desc, enabled=self.progress and bool(desc)):
+            rows = rows_of[probing.members(lst)]
             members = self._lists.members(lst)
             if lo > 0 or hi < len(self.base):
                 members = members[(members >= lo) & (members < hi)]
             if not len(rows) or not len(members):
                 continue
             feat = self.base[members]
-            kk = min(k, len(members))
             step = max(1, _BLOCK_ELEMENTS // len(members))
-            for start in range(0, len(rows), step):
-                part = rows[start:start + step]
-                sim, pos = faiss.knn(x[part], feat, kk, metric=faiss.METRIC_INNER_PRODUCT)
-                merged_sim = np.concatenate([best_sim[part], sim], axis=1)
-                merged_idx = np.concatenate([best_idx[part], members[pos]], axis=1)
-                keep = np.argpartition(-merged_sim, k - 1, axis=1)[:, :k]
-                best_sim[part] = np.take_along_axis(merged_sim, keep, axis=1)
-                best_idx[part] = np.take_along_axis(merged_idx, keep, axis=1)
-        order = np.argsort(-best_sim, axis=1, kind="stable")
-        return np.take_along_axis(best_idx, order, axis=1), np.take_along_axis(best_sim, order, axis=1)
+            for block_start in range(0, len(rows), step):
+                part = rows[block_start:block_start + step]
+                sim = x[part] @ feat.T
+                if opening:                                     # empty lists: the list's own top-k
+                    kk = min(k, len(members))
+                    best_sim[part, :kk], pos = topk_largest(sim, kk)
+                    best_idx[part, :kk] = members[pos]
+                else:
+                    _merge_above_kth(best_idx, best_sim, part, members, sim)
+        return best_idx, best_sim
 
 
 @dataclass(frozen=True)
@@ -522,6 +558,48 @@ class _InvertedLists:
 
     def members(self, lst: int) -> np.ndarray:
         return self.order[self.starts[lst]:self.starts[lst + 1]]
+
+
+def _merge_above_kth(best_idx: np.ndarray, best_sim: np.ndarray, rows: np.ndarray, members: np.ndarray,
+                     sim: np.ndarray) -> None:
+    """Merges into the running top-k lists of ``rows`` (best first) the entries of ``sim`` (rows ×
+    ``members``) above each row's k-th value; ties keep the listed entry first.
+
+    A row with at most :data:`_FEW_ENTRIES` such entries merges just those (in column order); a row
+    with more, its top-k of ``sim`` (then exactly tied entries in an unspecified order), so that a
+    list early in the scan, or features whose neighbours spread over every list, cost no more than
+    one top-k per row.
+    """
+    kth = best_sim[rows, -1]
+    hit = np.flatnonzero(sim.max(axis=1) > kth)               # one read of sim; most rows have no entry
+    if not len(hit):
+        return
+    above = sim[hit] > kth[hit, None]
+    counts = np.count_nonzero(above, axis=1)
+    few = counts <= _FEW_ENTRIES
+    if few.any():
+        row, column = np.nonzero(above[few])
+        few_counts = counts[few]
+        slot = np.arange(len(row)) - np.repeat(np.cumsum(few_counts) - few_counts, few_counts)
+        width = int(few_counts.max())
+        cand_sim = np.full((len(few_counts), width), -np.inf, dtype=best_sim.dtype)
+        cand_idx = np.full((len(few_counts), width), -1, dtype=best_idx.dtype)
+        cand_sim[row, slot], cand_idx[row, slot] = sim[hit[few][row], column], members[column]
+        _merge_lists(best_idx, best_sim, rows[hit[few]], cand_idx, cand_sim)
+    if not few.all():
+        many = hit[~few]
+        values, pos = topk_largest(sim[many], min(best_sim.shape[1], sim.shape[1]))
+        _merge_lists(best_idx, best_sim, rows[many], members[pos], values)
+
+
+def _merge_lists(best_idx: np.ndarray, best_sim: np.ndarray, target: np.ndarray, cand_idx: np.ndarray,
+                 cand_sim: np.ndarray) -> None:
+    """The top-k of each ``target`` row's list and its candidates, best first, listed entries first among equals."""
+    merged_sim = np.concatenate([best_sim[target], cand_sim], axis=1)
+    merged_idx = np.concatenate([best_idx[target], cand_idx], axis=1)
+    order = np.argsort(-merged_sim, axis=1, kind="stable")[:, :best_sim.shape[1]]
+    best_sim[target] = np.take_along_axis(merged_sim, order, axis=1)
+    best_idx[target] = np.take_along_axis(merged_idx, order, axis=1)
 
 
 def _probe_pairs(probes: np.ndarray, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
