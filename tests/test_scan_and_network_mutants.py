@@ -71,6 +71,28 @@ def test_merge_with_negative_similarities_and_uneven_entry_counts() -> None:
     assert best_idx.tolist() == [[7, 20], [20, 21]]
 
 
+@pytest.mark.parametrize("case", ["exactly the few", "few above, more tied at the kth"])
+def test_few_entries_above_the_kth_join_in_column_order_even_among_ties(case: str) -> None:
+    """A row with at most ``_FEW_ENTRIES`` entries strictly above its k-th merges them in column order
+    (documented), tied values included: exactly ``_FEW_ENTRIES`` such entries, or fewer plus entries
+    equal to the k-th (which do not count and never join)."""
+    few = knn_module._FEW_ENTRIES
+    k, members = few + 2, np.arange(20, 20 + 2 * few + 4)
+    listed = np.arange(100, 100 + k)
+    sim = np.zeros((1, len(members)), np.float32)
+    if case == "exactly the few":
+        kth, above = 0.25, list(range(1, 2 * few, 2))                  # `few` tied entries of 1.0
+    else:
+        kth, above = 0.5, list(range(2, 4 * (few - 3), 4))             # few - 3 tied entries of 1.0 ...
+        sim[0, [0, 4, 8, 12]] = 0.5                                     # ... and 4 equal to the k-th
+    sim[0, above] = 1.0
+    best_sim, best_idx = np.full((1, k), kth, np.float32), listed[None].copy()
+    _merge_above_kth(best_idx, best_sim, np.array([0]), members, sim)
+    want = [int(members[c]) for c in above] + listed.tolist()          # new ones in column order, then listed
+    assert best_idx[0].tolist() == want[:k]
+    assert best_sim[0].tolist() == [1.0] * len(above) + [kth] * (k - len(above))
+
+
 # ------------------------------------------------------------------- recall targeting: few rows
 
 
