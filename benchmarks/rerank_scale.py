@@ -21,8 +21,10 @@ runs the fixed parameters (nprobe 16 / query_nprobe 64) and prints the time rati
 
 ``--recall-curve S`` prints instead, per distribution, the IVF recall@k and scanned fraction of the
 gallery graph (k = 31: AIM's k1 + self) on ``S`` sampled gallery rows and of the query lists
-(k = 100) for every nprobe of the targeting ladder, with the time of each scan of all rows
-extrapolated from its inner products.
+(k = 100) for every nprobe of the targeting ladder, with the time of an exact search of all rows
+extrapolated from its inner products; with ``--knn hnsw``, the same for every efSearch up to 1024
+of an HNSW index (and its build time), with the HNSW search of all rows extrapolated from the
+sample's.
 
 ``--reference-cache FILE.json`` keeps every run; the dense and exact-kNN runs (``--compare``, or
 ``--knn exact`` itself) are reused from it: they do not depend on the recall settings, so tuning those
@@ -172,15 +174,19 @@ def run_child(args: argparse.Namespace) -> dict:
 
 
 def recall_curve(args: argparse.Namespace, distribution: str) -> list[dict]:
-    """IVF recall and cost of every nprobe of the targeting ladder (module docstring)."""
+    """Recall and cost of every nprobe (``--knn ivf`` or ``auto``) or efSearch (``--knn hnsw``, up to
+    1024) of the targeting ladder (module docstring)."""
     import faiss
 
     from vireid.retrieval.knn import IvfParams, NeighbourIndex, RecallTarget, _probe_pairs, _recall
 
     faiss.omp_set_num_threads(args.threads)
     query, gallery, _, _ = features_for(args, distribution)
+    method = "hnsw" if args.knn == "hnsw" else "ivf"
     ivf = IvfParams(**{name: getattr(args, name) for name in _IVF_ARGS if getattr(args, name) is not None})
-    index = NeighbourIndex(gallery, "ivf", ivf=ivf, recall=RecallTarget(), seed=args.seed)
+    started = time.perf_counter()
+    index = NeighbourIndex(gallery, method, ivf=ivf, recall=RecallTarget(), seed=args.seed)
+    build_seconds = time.perf_counter() - started
     del gallery
     qn = np.ascontiguousarray(query / np.linalg.norm(query, axis=1, keepdims=True), dtype=np.float32)
     rng = np.random.default_rng(args.seed)
@@ -190,16 +196,25 @@ def recall_curve(args: argparse.Namespace, distribution: str) -> list[dict]:
         started = time.perf_counter()
         truth = index._exact_search(x, k, 0, len(index), "")[0]
         exact_rate = len(x) * len(index) / (time.perf_counter() - started)   # inner products per second
+        total_rows = len(index) if self_rows is not None else len(qn)
+        row = {"distribution": distribution, "search": name, "k": k, "method": method,
+               "build_seconds": build_seconds, "exact_seconds_all_rows": total_rows * len(index) / exact_rate}
+        if method == "hnsw":
+            for value in (ef for ef in index._ladder(k) if ef <= 1024):
+                started = time.perf_counter()
+                found, fraction = index._hnsw_sample(x, k, 0, len(index), value)
+                seconds = (time.perf_counter() - started) * total_rows / len(x)
+                rows.append({**row, "parameter": "efSearch", "value": value, "recall": _recall(found, truth, self_rows),
+                             "scan_fraction": fraction, "search_seconds_all_rows": seconds})
+            continue
         probes = index._probe_rows(x, self_rows, index._ladder(k)[-1])
         fractions = index._scan_fractions(probes, 0, len(index))
-        total_rows = len(index) if self_rows is not None else len(qn)
         for value in index._ladder(k):
             if fractions[value - 1] > 0.5:
                 break
             found = index._ivf_search(x, _probe_pairs(probes[:, :value]), k, 0, len(index), "")[0]
-            rows.append({"distribution": distribution, "search": name, "k": k, "nprobe": value,
-                         "recall": _recall(found, truth, self_rows), "scan_fraction": float(fractions[value - 1]),
-                         "exact_seconds_all_rows": total_rows * len(index) / exact_rate})
+            rows.append({**row, "parameter": "nprobe", "value": value, "recall": _recall(found, truth, self_rows),
+                         "scan_fraction": float(fractions[value - 1]), "search_seconds_all_rows": None})
     return rows
 
 
@@ -296,15 +311,17 @@ def main() -> None:
         return
     if args.recall_curve:
         print(f"gallery {args.gallery:,}  queries {args.queries:,}  d {args.dim}")
-        print(f"{'distribution':12} {'search':14} {'k':>4} {'nprobe':>6} {'recall':>7} {'scanned %':>9} "
-              f"{'exact s (all rows)':>18}")
+        print(f"{'distribution':12} {'search':14} {'k':>4} {'parameter':>12} {'recall':>7} {'scanned %':>9} "
+              f"{'search s (all rows)':>19} {'exact s (all rows)':>18} {'build s':>7}")
         rows = []
         for distribution in distributions:
             for row in recall_curve(args, distribution):
                 rows.append(row)
-                print(f"{row['distribution']:12} {row['search']:14} {row['k']:4d} {row['nprobe']:6d} "
-                      f"{row['recall']:7.4f} {100 * row['scan_fraction']:9.2f} {row['exact_seconds_all_rows']:18.1f}",
-                      flush=True)
+                seconds = row["search_seconds_all_rows"]
+                print(f"{row['distribution']:12} {row['search']:14} {row['k']:4d} "
+                      f"{row['parameter'] + ' ' + str(row['value']):>12} {row['recall']:7.4f} "
+                      f"{100 * row['scan_fraction']:9.2f} {'' if seconds is None else f'{seconds:.1f}':>19} "
+                      f"{row['exact_seconds_all_rows']:18.1f} {row['build_seconds']:7.1f}", flush=True)
         if args.json:
             write_json_atomic(args.json, rows)
         return

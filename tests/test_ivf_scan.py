@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vireid.retrieval.knn import IvfParams, NeighbourIndex, _merge_above_kth, _probe_pairs, _recall
+from vireid.retrieval.exact import FEW_ENTRIES, merge_above_kth
+from vireid.retrieval.knn import IvfParams, NeighbourIndex, _probe_pairs, _recall
 
 
 def _index(n: int, d: int, nlist: int, seed: int, levels: int | None = None) -> NeighbourIndex:
@@ -45,9 +46,10 @@ def _row_lists(index: NeighbourIndex, x: np.ndarray, counts: np.ndarray) -> list
     return [ranked[row, :count] for row, count in enumerate(counts)]
 
 
-def _pairs(row_lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _pairs(row_lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = np.concatenate([np.full(len(lists), r, np.int32) for r, lists in enumerate(row_lists)])
-    return rows, np.concatenate(row_lists).astype(np.int32)
+    ranks = np.concatenate([np.arange(len(lists), dtype=np.int32) for lists in row_lists])
+    return rows, np.concatenate(row_lists).astype(np.int32), ranks
 
 
 @pytest.mark.parametrize(("k", "lo", "hi"), [(5, 0, 300), (12, 0, 300), (40, 0, 300), (6, 50, 230)])
@@ -114,15 +116,14 @@ def test_merge_above_kth_equals_a_loop_over_the_rows() -> None:
         entries.sort(key=lambda e: (-e[0], e[2], e[3]))
         want_sim[row] = [e[0] for e in entries[:k]]
         want_idx[row] = [e[1] for e in entries[:k]]
-    _merge_above_kth(best_idx, best_sim, rows, members, sim)
+    merge_above_kth(best_idx, best_sim, rows, members, sim)
     np.testing.assert_array_equal(best_sim, want_sim)
     np.testing.assert_array_equal(best_idx, want_idx)
 
 
 def test_merge_of_rows_with_many_entries_above_kth_equals_a_loop() -> None:
-    """Rows with more than ``_FEW_ENTRIES`` entries above their k-th (here: lists still partly empty,
+    """Rows with more than ``FEW_ENTRIES`` entries above their k-th (here: lists still partly empty,
     or low k-th values) take their top-k first; rows with few, one by one; both as a loop over rows."""
-    from vireid.retrieval.knn import _FEW_ENTRIES
 
     rng = np.random.default_rng(4)
     k, n, m = 5, 12, 40
@@ -135,7 +136,7 @@ def test_merge_of_rows_with_many_entries_above_kth_equals_a_loop() -> None:
     members = rng.permutation(500)[:m]
     sim = rng.random((n, m)).astype(np.float32)
     counts = (sim > best_sim[:, -1:]).sum(axis=1)
-    assert (counts > _FEW_ENTRIES).sum() >= 5 and ((counts <= _FEW_ENTRIES) & (counts > 0)).sum() >= 3
+    assert (counts > FEW_ENTRIES).sum() >= 5 and ((counts <= FEW_ENTRIES) & (counts > 0)).sum() >= 3
     want_idx, want_sim = best_idx.copy(), best_sim.copy()
     for row in rows:
         entries = [(float(v), int(i)) for v, i in zip(best_sim[row], best_idx[row])]
@@ -143,6 +144,6 @@ def test_merge_of_rows_with_many_entries_above_kth_equals_a_loop() -> None:
         entries.sort(key=lambda e: -e[0])
         want_sim[row] = [e[0] for e in entries[:k]]
         want_idx[row] = [e[1] for e in entries[:k]]
-    _merge_above_kth(best_idx, best_sim, rows, members, sim)
+    merge_above_kth(best_idx, best_sim, rows, members, sim)
     np.testing.assert_array_equal(best_sim, want_sim)
     np.testing.assert_array_equal(best_idx, want_idx)

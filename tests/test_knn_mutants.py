@@ -214,11 +214,12 @@ def test_report_line_without_a_scan_fraction():
                              "sampled rows (target 0.95)")
 
 
-def test_probe_pairs_are_int32_row_list_pairs():
-    rows, lists = _probe_pairs(np.array([[4, 1], [0, 3], [2, 2]]), offset=5)
-    assert rows.dtype == np.int32 and lists.dtype == np.int32
-    np.testing.assert_array_equal(rows, [5, 5, 6, 6, 7, 7])
-    np.testing.assert_array_equal(lists, [4, 1, 0, 3, 2, 2])
+def test_probe_pairs_are_int32_row_list_rank_triples():
+    rows, lists, ranks = _probe_pairs(np.array([[4, 1, 6], [0, 3, 5]]), offset=5)
+    assert rows.dtype == np.int32 and lists.dtype == np.int32 and ranks.dtype == np.int32
+    np.testing.assert_array_equal(rows, [5, 5, 5, 6, 6, 6])
+    np.testing.assert_array_equal(lists, [4, 1, 6, 0, 3, 5])
+    np.testing.assert_array_equal(ranks, [0, 1, 2, 0, 1, 2])
 
 
 def test_self_search_with_one_neighbour_has_recall_one():

@@ -9,8 +9,9 @@ import pytest
 
 from vireid.retrieval import knn as knn_module
 from vireid.retrieval import sim as sim_module
+from vireid.retrieval.exact import FEW_ENTRIES, merge_above_kth
 from vireid.retrieval.gallery_state import GalleryState, SingleQueryParams
-from vireid.retrieval.knn import IvfParams, NeighbourIndex, RecallTarget, _merge_above_kth
+from vireid.retrieval.knn import IvfParams, NeighbourIndex, RecallTarget
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -35,7 +36,7 @@ def test_scan_in_blocks_of_a_few_rows_gives_the_top_k_of_the_probed_lists(monkey
     ranked = index._probe(x, 8)
     row_lists = [ranked[r, :c] for r, c in enumerate(counts)]
     pairs = (np.concatenate([np.full(c, r, np.int32) for r, c in enumerate(counts)]),
-             np.concatenate(row_lists).astype(np.int32))
+             np.concatenate(row_lists).astype(np.int32), np.concatenate([np.arange(c, dtype=np.int32) for c in counts]))
     monkeypatch.setattr(knn_module, "_BLOCK_ELEMENTS", 64)          # 3-4 rows per block of a ~19-item list
     k = 10
     idx, sim = index._ivf_search(x, pairs, k, 0, 300, "")
@@ -55,7 +56,7 @@ def test_merge_leaves_lists_alone_when_the_best_entry_only_ties_the_kth() -> Non
     best_sim = np.array([[0.875, 0.5], [0.75, 0.25]], np.float32)
     best_idx = np.array([[1, 2], [3, 4]], np.int64)
     sim = np.array([[0.5, 0.125, 0.5], [0.25, 0.25, 0.0]], np.float32)   # row maxima = the k-th values
-    _merge_above_kth(best_idx, best_sim, np.array([0, 1]), np.array([10, 11, 12]), sim)
+    merge_above_kth(best_idx, best_sim, np.array([0, 1]), np.array([10, 11, 12]), sim)
     assert best_sim.tolist() == [[0.875, 0.5], [0.75, 0.25]]
     assert best_idx.tolist() == [[1, 2], [3, 4]]
 
@@ -66,17 +67,17 @@ def test_merge_with_negative_similarities_and_uneven_entry_counts() -> None:
     best_sim = np.array([[-0.5, -0.625], [-np.inf, -np.inf]], np.float32)
     best_idx = np.array([[7, 8], [-1, -1]], np.int64)
     sim = np.array([[-0.5625, -0.875, -0.9375], [-0.125, -0.25, -0.375]], np.float32)
-    _merge_above_kth(best_idx, best_sim, np.array([0, 1]), np.array([20, 21, 22]), sim)
+    merge_above_kth(best_idx, best_sim, np.array([0, 1]), np.array([20, 21, 22]), sim)
     assert best_sim.tolist() == [[-0.5, -0.5625], [-0.125, -0.25]]
     assert best_idx.tolist() == [[7, 20], [20, 21]]
 
 
 @pytest.mark.parametrize("case", ["exactly the few", "few above, more tied at the kth"])
 def test_few_entries_above_the_kth_join_in_column_order_even_among_ties(case: str) -> None:
-    """A row with at most ``_FEW_ENTRIES`` entries strictly above its k-th merges them in column order
-    (documented), tied values included: exactly ``_FEW_ENTRIES`` such entries, or fewer plus entries
+    """A row with at most ``FEW_ENTRIES`` entries strictly above its k-th merges them in column order
+    (documented), tied values included: exactly ``FEW_ENTRIES`` such entries, or fewer plus entries
     equal to the k-th (which do not count and never join)."""
-    few = knn_module._FEW_ENTRIES
+    few = FEW_ENTRIES
     k, members = few + 2, np.arange(20, 20 + 2 * few + 4)
     listed = np.arange(100, 100 + k)
     sim = np.zeros((1, len(members)), np.float32)
@@ -87,7 +88,7 @@ def test_few_entries_above_the_kth_join_in_column_order_even_among_ties(case: st
         sim[0, [0, 4, 8, 12]] = 0.5                                     # ... and 4 equal to the k-th
     sim[0, above] = 1.0
     best_sim, best_idx = np.full((1, k), kth, np.float32), listed[None].copy()
-    _merge_above_kth(best_idx, best_sim, np.array([0]), members, sim)
+    merge_above_kth(best_idx, best_sim, np.array([0]), members, sim)
     want = [int(members[c]) for c in above] + listed.tolist()          # new ones in column order, then listed
     assert best_idx[0].tolist() == want[:k]
     assert best_sim[0].tolist() == [1.0] * len(above) + [kth] * (k - len(above))

@@ -25,6 +25,10 @@ WORKER_THREADS = 2
 BLOCK_ELEMENTS = 1 << 22
 """Entries of one similarity block (16 MiB in float32)."""
 
+FEW_ENTRIES = 8
+"""In :func:`merge_above_kth`, a row with at most this many entries above its k-th value merges them
+one by one, a row with more its top-k first."""
+
 NORM_EPS = 1e-12
 """Lower bound on a row norm in :func:`l2_normalize` (as ``torch.nn.functional.normalize``)."""
 
@@ -159,39 +163,62 @@ def _offer(lists: NeighbourGraph, block: np.ndarray, first_row: int, first_colum
     """Merges the entries of ``block`` into the running lists of rows ``first_row…`` (``block``'s rows,
     or its columns when ``transposed``), whose columns start at ``first_column``.
 
-    A block's own rows are offered once, to empty lists: their top-k is merged. Its columns are
-    offered to later rows, whose lists are full unless fewer than k columns lay beyond them: only
-    entries above a row's k-th value are merged."""
-    num_rows = block.shape[1] if transposed else block.shape[0]
-    rows = slice(first_row, first_row + num_rows)
-    row_min = lists.min_sim[rows]
-    np.minimum(row_min, block.min(axis=0 if transposed else 1), out=row_min)
-    kth = lists.sim[rows, -1]
-    if np.isneginf(kth).any():
-        by_row = np.ascontiguousarray(block.T) if transposed else block
-        values, columns = topk_largest(by_row, min(lists.k, by_row.shape[1]))
-        row = np.arange(num_rows).repeat(values.shape[1])
-        _merge(lists, first_row + row, first_column + columns.ravel(), values.ravel())
+    A block's own rows are offered once, to empty lists: their top-k opens the lists. Its columns
+    are offered to later rows, whose lists are full unless fewer than k columns lay beyond them:
+    only entries above a row's k-th value are merged (:func:`merge_above_kth`)."""
+    by_row = block.T if transposed else block
+    rows = slice(first_row, first_row + by_row.shape[0])
+    np.minimum(lists.min_sim[rows], by_row.min(axis=1), out=lists.min_sim[rows])
+    columns = first_column + np.arange(by_row.shape[1])
+    if transposed:
+        merge_above_kth(lists.index, lists.sim, np.arange(rows.start, rows.stop), columns, by_row)
     else:
-        hit = np.flatnonzero(block.max(axis=0) > kth)
-        column, row = np.nonzero(block[:, hit] > kth[hit])
-        _merge(lists, first_row + hit[row], first_column + column, block[column, hit[row]])
+        kk = min(lists.k, by_row.shape[1])
+        lists.sim[rows, :kk], pos = topk_largest(by_row, kk)
+        lists.index[rows, :kk] = columns[pos]
 
 
-def _merge(lists: NeighbourGraph, rows: np.ndarray, columns: np.ndarray, values: np.ndarray) -> None:
-    """Puts candidate entries into the running top-k lists (best first; kept entries first among equals)."""
-    if len(rows) == 0:
+def merge_above_kth(best_idx: np.ndarray, best_sim: np.ndarray, rows: np.ndarray, items: np.ndarray,
+                    sim: np.ndarray) -> None:
+    """Merges into the running top-k lists of ``rows`` (best first) the entries of ``sim`` (rows ×
+    ``items``: column j is item ``items[j]``) above each row's k-th value; ties keep the listed
+    entry first.
+
+    A row with at most :data:`FEW_ENTRIES` such entries merges just those (in column order); a row
+    with more, its top-k of ``sim`` (then exactly tied entries in an unspecified order), so that a
+    block early in a scan, or features whose neighbours spread over every block, cost no more than
+    one top-k per row.
+    """
+    kth = best_sim[rows, -1]
+    hit = np.flatnonzero(sim.max(axis=1) > kth)               # one read of sim; most rows have no entry
+    if not len(hit):
         return
-    k = lists.k
-    touched = np.unique(rows)
-    all_rows = np.concatenate([touched.repeat(k), rows])
-    all_values = np.concatenate([lists.sim[touched].ravel(), values])
-    all_columns = np.concatenate([lists.index[touched].ravel(), columns])
-    order = np.lexsort((-all_values, all_rows))
-    first = np.searchsorted(all_rows[order], touched)
-    pick = order[first[:, None] + np.arange(k)]
-    lists.sim[touched] = all_values[pick]
-    lists.index[touched] = all_columns[pick]
+    above = sim[hit] > kth[hit, None]
+    counts = np.count_nonzero(above, axis=1)
+    few = counts <= FEW_ENTRIES
+    if few.any():
+        row, column = np.nonzero(above[few])
+        few_counts = counts[few]
+        slot = np.arange(len(row)) - np.repeat(np.cumsum(few_counts) - few_counts, few_counts)
+        width = int(few_counts.max())
+        cand_sim = np.full((len(few_counts), width), -np.inf, dtype=best_sim.dtype)
+        cand_idx = np.full((len(few_counts), width), -1, dtype=best_idx.dtype)
+        cand_sim[row, slot], cand_idx[row, slot] = sim[hit[few][row], column], items[column]
+        _merge_lists(best_idx, best_sim, rows[hit[few]], cand_idx, cand_sim)
+    if not few.all():
+        many = hit[~few]
+        values, pos = topk_largest(sim[many], min(best_sim.shape[1], sim.shape[1]))
+        _merge_lists(best_idx, best_sim, rows[many], items[pos], values)
+
+
+def _merge_lists(best_idx: np.ndarray, best_sim: np.ndarray, target: np.ndarray, cand_idx: np.ndarray,
+                 cand_sim: np.ndarray) -> None:
+    """The top-k of each ``target`` row's list and its candidates, best first, listed entries first among equals."""
+    merged_sim = np.concatenate([best_sim[target], cand_sim], axis=1)
+    merged_idx = np.concatenate([best_idx[target], cand_idx], axis=1)
+    order = np.argsort(-merged_sim, axis=1, kind="stable")[:, :best_sim.shape[1]]
+    best_sim[target] = np.take_along_axis(merged_sim, order, axis=1)
+    best_idx[target] = np.take_along_axis(merged_idx, order, axis=1)
 
 
 def graph_pair_similarity(features: np.ndarray, graph: NeighbourGraph, rows: np.ndarray,

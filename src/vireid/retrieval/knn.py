@@ -55,7 +55,7 @@ import numpy as np
 
 from vireid.errors import InputError
 from vireid.progress import progress_bar
-from vireid.retrieval.exact import l2_normalize, topk_largest
+from vireid.retrieval.exact import l2_normalize, merge_above_kth, topk_largest
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,6 @@ search (2 % of a million-item graph, about 5 minutes of IVF scan on two cores at
 most an exact search replacing one that misses its recall target may compute (a graph of 141,000
 items, about 2 minutes on two cores: an exact product costs less than half an IVF one)."""
 _IVF_LADDER_START = 4
-_FEW_ENTRIES = 8  # a row's entries above its k-th merged one by one up to this many, else its top-k first
 _BLOCK_ELEMENTS = 1 << 24  # similarity entries per matmul block (64 MiB float32)
 # queries per faiss ``knn`` call of the exact search: faiss tiles the base itself (4096 x 1024 blocks),
 # so memory is only rows x k, while each call reads the whole base once: small calls are memory-bound
@@ -318,7 +317,7 @@ class NeighbourIndex:
         if ivf_parts:  # one list-major scan for every IVF row
             pairs = [_probe_pairs(self._probe_rows(self.base[a:b], np.arange(a, b), value), offset=a)
                      for a, b, value in ivf_parts]
-            pairs = (np.concatenate([rows for rows, _ in pairs]), np.concatenate([lists for _, lists in pairs]))
+            pairs = tuple(np.concatenate(column) for column in zip(*pairs))
             found_idx, found_sim = self._ivf_search(self.base, pairs, k, 0, n, "knn graph (ivf)")
             del pairs
             for a, b, _ in ivf_parts:
@@ -499,21 +498,16 @@ class NeighbourIndex:
         list, whose top-k opens the row's list; then its 2nd, its 3rd–4th, 5th–8th, … nearest lists,
         where only similarities above the row's current k-th are merged.  Near lists come first, so
         the k-th values rise early and few of the later, larger passes' products get past them.
-        ``probes``: flat ``(row of x, list)`` pairs, each row's lists together and best first (rows
-        may differ in count).
+        ``probes``: flat ``(row of x, list, rank)`` triples (:func:`_probe_pairs`; rows may differ in
+        count).
         """
         n = len(x)
         best_idx, best_sim = np.full((n, k), -1, dtype=np.int64), np.full((n, k), -np.inf, dtype=np.float32)
-        probe_rows, probe_lists = probes
-        position = np.arange(len(probe_rows), dtype=np.int32)         # int32: a million-row graph's pairs
-        first = np.ones(len(probe_rows), dtype=bool)
-        first[1:] = probe_rows[1:] != probe_rows[:-1]
-        rank = position - np.maximum.accumulate(np.where(first, position, 0))
-        del position, first
+        probe_rows, probe_lists, rank = probes
         scan_pass = np.full(len(rank), -1, dtype=np.int8)                         # -1: opens the row's list
         later = rank > 0
         scan_pass[later] = np.floor(np.log2(rank[later].astype(np.float32)))    # ranks 1, 2–3, 4–7, …
-        del rank, later
+        del later
         steps = []
         for number in np.unique(scan_pass):
             chosen = scan_pass == number
@@ -536,7 +530,7 @@ class NeighbourIndex:
                     best_sim[part, :kk], pos = topk_largest(sim, kk)
                     best_idx[part, :kk] = members[pos]
                 else:
-                    _merge_above_kth(best_idx, best_sim, part, members, sim)
+                    merge_above_kth(best_idx, best_sim, part, members, sim)
         return best_idx, best_sim
 
 
@@ -560,53 +554,12 @@ class _InvertedLists:
         return self.order[self.starts[lst]:self.starts[lst + 1]]
 
 
-def _merge_above_kth(best_idx: np.ndarray, best_sim: np.ndarray, rows: np.ndarray, members: np.ndarray,
-                     sim: np.ndarray) -> None:
-    """Merges into the running top-k lists of ``rows`` (best first) the entries of ``sim`` (rows ×
-    ``members``) above each row's k-th value; ties keep the listed entry first.
-
-    A row with at most :data:`_FEW_ENTRIES` such entries merges just those (in column order); a row
-    with more, its top-k of ``sim`` (then exactly tied entries in an unspecified order), so that a
-    list early in the scan, or features whose neighbours spread over every list, cost no more than
-    one top-k per row.
-    """
-    kth = best_sim[rows, -1]
-    hit = np.flatnonzero(sim.max(axis=1) > kth)               # one read of sim; most rows have no entry
-    if not len(hit):
-        return
-    above = sim[hit] > kth[hit, None]
-    counts = np.count_nonzero(above, axis=1)
-    few = counts <= _FEW_ENTRIES
-    if few.any():
-        row, column = np.nonzero(above[few])
-        few_counts = counts[few]
-        slot = np.arange(len(row)) - np.repeat(np.cumsum(few_counts) - few_counts, few_counts)
-        width = int(few_counts.max())
-        cand_sim = np.full((len(few_counts), width), -np.inf, dtype=best_sim.dtype)
-        cand_idx = np.full((len(few_counts), width), -1, dtype=best_idx.dtype)
-        cand_sim[row, slot], cand_idx[row, slot] = sim[hit[few][row], column], members[column]
-        _merge_lists(best_idx, best_sim, rows[hit[few]], cand_idx, cand_sim)
-    if not few.all():
-        many = hit[~few]
-        values, pos = topk_largest(sim[many], min(best_sim.shape[1], sim.shape[1]))
-        _merge_lists(best_idx, best_sim, rows[many], members[pos], values)
-
-
-def _merge_lists(best_idx: np.ndarray, best_sim: np.ndarray, target: np.ndarray, cand_idx: np.ndarray,
-                 cand_sim: np.ndarray) -> None:
-    """The top-k of each ``target`` row's list and its candidates, best first, listed entries first among equals."""
-    merged_sim = np.concatenate([best_sim[target], cand_sim], axis=1)
-    merged_idx = np.concatenate([best_idx[target], cand_idx], axis=1)
-    order = np.argsort(-merged_sim, axis=1, kind="stable")[:, :best_sim.shape[1]]
-    best_sim[target] = np.take_along_axis(merged_sim, order, axis=1)
-    best_idx[target] = np.take_along_axis(merged_idx, order, axis=1)
-
-
-def _probe_pairs(probes: np.ndarray, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(n, nprobe)`` probed lists as flat ``(row + offset, list)`` pairs (int32: half the memory of a
-    million-row graph's pairs)."""
+def _probe_pairs(probes: np.ndarray, offset: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(n, nprobe)`` probed lists, best first, as flat ``(row + offset, list, rank)`` triples (int32:
+    half the memory of a million-row graph's pairs; rank 0 is a row's nearest list)."""
     rows = np.repeat(np.arange(offset, offset + len(probes), dtype=np.int32), probes.shape[1])
-    return rows, probes.astype(np.int32).ravel()
+    ranks = np.tile(np.arange(probes.shape[1], dtype=np.int32), len(probes))
+    return rows, probes.astype(np.int32).ravel(), ranks
 
 
 def _recall(found: np.ndarray, truth: np.ndarray, own: np.ndarray | None) -> float:

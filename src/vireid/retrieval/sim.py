@@ -203,16 +203,13 @@ def _network_means(steps: tuple[tuple[str, int, int], ...], K: int, source: np.n
     ``source[rows[c, i]] + edge[c, i]`` for the columns c in [start, stop), the network's min/max
     steps run on whole wires, and ``out`` gets the first K wires summed in order, divided by K."""
     k_graph = rows.shape[1]
-    wires: list[np.ndarray | None] = [source[rows[start:stop, i]] for i in range(k_graph)]
+    wires = [source[rows[start:stop, i]] for i in range(k_graph)]
     for i, wire in enumerate(wires):
         wire += edge[start:stop, i, None]
-    wires += [None] * ((1 << max(0, (k_graph - 1).bit_length())) - k_graph)
     spare = np.empty_like(wires[0])
     for op, low, high in steps:
         a, b = wires[low], wires[high]
-        if op == "move":
-            wires[low], wires[high] = b, a
-        elif op == "cmp":
+        if op == "cmp":
             np.minimum(a, b, out=spare)
             np.maximum(a, b, out=b)
             wires[low], spare = spare, a
@@ -289,7 +286,7 @@ def kernel_cache_dir() -> Path:
 def _kernel_source(k_graph: int, K: int) -> str:
     """The source of :func:`compiled_kernel`'s loop for one (k_graph, K)."""
     body = [f"            w{i} = r{i}[b] + e{i}" for i in range(k_graph)]
-    wires = [f"w{i}" for i in range(1 << max(0, (k_graph - 1).bit_length()))]
+    wires = [f"w{i}" for i in range(k_graph)]
     for step, (op, low, high) in enumerate(smallest_sorted_network(k_graph, K)):
         a, b = wires[low], wires[high]
         if op in ("cmp", "min"):
@@ -298,8 +295,6 @@ def _kernel_source(k_graph: int, K: int) -> str:
         if op in ("cmp", "max"):
             body.append(f"            hi{step} = max({a}, {b})")
             wires[high] = f"hi{step}"
-        if op == "move":
-            wires[low], wires[high] = b, a
     total = wires[0]
     for m in range(1, K):
         body.append(f"            sum{m} = {total} + {wires[m]}")
@@ -317,30 +312,18 @@ def smallest_sorted_network(n: int, k: int) -> tuple[tuple[str, int, int], ...]:
     """Steps that leave the ``k`` smallest of ``n`` wires on wires ``0..k−1``, ascending.
 
     Batcher's odd–even merge sort (Knuth, TAOCP 5.3.4, Algorithm M) on ``n`` padded to a power
-    of two with +inf wires, pruned: comparators with a +inf input only move (``"move"``), and
-    walking back from the ``k`` outputs, a comparator whose larger (smaller) output is never read
-    again keeps only its ``"min"`` (``"max"``); ``"cmp"`` keeps both.  (20, 9): 161 min/max passes.
+    of two with +inf wires, pruned: comparators with a +inf input (always ``high``, as ``low <
+    high``) are dropped, and walking back from the ``k`` outputs, a comparator whose larger
+    (smaller) output is never read again keeps only its ``"min"`` (``"max"``); ``"cmp"`` keeps
+    both.  (20, 9): 161 min/max passes.
     """
     size = 1 << max(0, (n - 1).bit_length())
-    infinite = [wire >= n for wire in range(size)]
-    steps: list[tuple[str, int, int]] = []
-    for low, high in _batcher_comparators(size):
-        if infinite[high]:
-            continue
-        if infinite[low]:
-            infinite[low], infinite[high] = False, True
-            steps.append(("move", low, high))
-        else:
-            steps.append(("cmp", low, high))
     needed = set(range(k))
     kept: list[tuple[str, int, int]] = []
-    for op, low, high in reversed(steps):
-        if op == "move":
-            if low in needed:
-                needed.discard(low)
-                needed.add(high)
-                kept.append((op, low, high))
-        elif low in needed and high in needed:
+    for low, high in reversed(_batcher_comparators(size)):
+        if high >= n:  # a padding wire (+inf) is always the larger input: the comparator changes nothing
+            continue
+        if low in needed and high in needed:
             kept.append(("cmp", low, high))
         elif low in needed:
             needed.add(high)
