@@ -79,13 +79,12 @@ def test_the_compiled_loop_runs_from_its_threshold_or_once_loaded(monkeypatch: p
     monkeypatch.setattr(sim_module, "_load_kernel", lambda *a: used.append("load") or real_load(*a))
     pairs = dist_t.shape[0] * dist_t.shape[1]
 
-    def run(threshold: int, pairs_of_the_call: int | None = None) -> np.ndarray:
+    def run(threshold: int, compiled: bool | None = None) -> np.ndarray:
         monkeypatch.setattr(sim_module, "COMPILED_KERNEL_MIN_PAIRS", threshold)
         got = np.empty_like(dist_t)
         used.clear()
         with ThreadPoolExecutor(2) as pool:
-            _mean_of_shortest_paths(dist_t, neighbours, edge, 3, lambda c, m: got.__setitem__(c, m), pool,
-                                    pairs_of_the_call)
+            _mean_of_shortest_paths(dist_t, neighbours, edge, 3, lambda c, m: got.__setitem__(c, m), pool, compiled)
         return got
 
     first = run(pairs + 1)
@@ -93,8 +92,11 @@ def test_the_compiled_loop_runs_from_its_threshold_or_once_loaded(monkeypatch: p
     assert sim_module._stepped_pairs == [pairs]
     run(2 * pairs + 1)                                        # pairs + pairs < threshold: numpy again
     assert set(used) == {"numpy"} and sim_module._stepped_pairs == [2 * pairs]
-    run(10**9, pairs_of_the_call=10**9 - 2 * pairs)           # the whole computation's pairs decide, with
-    assert used == ["load"] and list(sim_module._COMPILED_KERNELS) == [(8, 3)]   # the earlier ones
+    monkeypatch.setattr(sim_module, "COMPILED_KERNEL_MIN_PAIRS", 10**9)  # a whole computation's pairs
+    assert not sim_module.use_compiled_kernel(8, 3, 10**9 - 2 * pairs - 1)  # decide, with the earlier ones
+    assert sim_module.use_compiled_kernel(8, 3, 10**9 - 2 * pairs)
+    run(10**9, compiled=True)
+    assert used == ["load"] and list(sim_module._COMPILED_KERNELS) == [(8, 3)]
     assert sim_module._stepped_pairs == [2 * pairs]
     np.testing.assert_array_equal(run(10**12), first)         # loaded: used whatever the size, same bits
     assert used == []

@@ -158,6 +158,23 @@ def test_numpy_steps_count_each_pair_once_across_the_reference_update_levels(num
     assert sim_module._stepped_pairs == [7 * 40]
 
 
+def test_reference_sgr_below_the_threshold_stays_on_the_numpy_steps_through_every_level(numpy_steps,
+                                                                                     monkeypatch) -> None:
+    """The kernel is chosen once for the whole SGR: with a threshold one pair above Q × G, the
+    update levels' own counts (which add up to Q × G) never load the compiled loop part-way."""
+    loads = []
+    monkeypatch.setattr(sim_module, "COMPILED_KERNEL_MIN_PAIRS", 7 * 40 + 1)
+    real = sim_module._load_kernel
+    monkeypatch.setattr(sim_module, "_load_kernel", lambda *a: loads.append(a) or real(*a))
+    rng = np.random.default_rng(41)
+    q, g = rng.standard_normal((7, 6)), rng.standard_normal((40, 6))
+    got = sim_module.sgr(q, g, K=3, k_graph=5, variant="reference")
+    assert loads == [] and sim_module._stepped_pairs == [7 * 40]
+    monkeypatch.setattr(sim_module, "COMPILED_KERNEL_MIN_PAIRS", 2 * 7 * 40)   # earlier pairs count: now it pays
+    np.testing.assert_array_equal(sim_module.sgr(q, g, K=3, k_graph=5, variant="reference"), got)
+    assert loads == [(5, 3)] and sim_module._stepped_pairs == [7 * 40]
+
+
 def test_numpy_steps_with_more_queries_than_pairs_per_task(numpy_steps) -> None:
     """A block of more than 65,536 query columns: one gallery column per task, still every column."""
     rng = np.random.default_rng(42)

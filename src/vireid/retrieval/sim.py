@@ -112,17 +112,17 @@ def _sgr(qn: np.ndarray, gn: np.ndarray, gallery: NeighbourGraph, lam: float, K:
     edge *= lam
     levels = _update_levels(neighbours) if variant == "reference" else None
     out = np.empty((len(qn), len(gn)), dtype=qn.dtype)
-    pairs = len(qn) * len(gn)
+    compiled = use_compiled_kernel(k_graph, K, len(qn) * len(gn))   # decided once for the whole call
     with ThreadPoolExecutor(WORKER_THREADS) as pool:
         for part in block_rows(len(qn), len(gn)):
             if levels is not None:
                 source = np.empty((2 * len(gn), part.stop - part.start), dtype=qn.dtype)   # [updated; input]
                 euclidean_from_similarity(np.matmul(gn, qn[part].T, out=source[: len(gn)]))
                 source[len(gn):] = source[: len(gn)]
-                out[part] = _sgr_sequential(source, neighbours, edge, K, levels, pool, pairs).T
+                out[part] = _sgr_sequential(source, neighbours, edge, K, levels, pool, compiled).T
             else:
                 dist_t = euclidean_from_similarity(gn @ qn[part].T)          # (G, B)
-                _mean_of_shortest_paths(dist_t, neighbours, edge, K, _transposed_into(out[part]), pool, pairs)
+                _mean_of_shortest_paths(dist_t, neighbours, edge, K, _transposed_into(out[part]), pool, compiled)
     return out
 
 
@@ -146,13 +146,14 @@ def _update_levels(neighbours: np.ndarray) -> list[np.ndarray]:
 
 
 def _sgr_sequential(source: np.ndarray, neighbours: np.ndarray, edge: np.ndarray, K: int,
-                    levels: list[np.ndarray], pool: ThreadPoolExecutor, pairs: int) -> np.ndarray:
+                    levels: list[np.ndarray], pool: ThreadPoolExecutor, compiled: bool) -> np.ndarray:
     """SIM ``graph_reasoning`` on ``source`` (2G, B), both halves holding the input distances:
     column j, updated in gallery order, reads the updated values of its neighbours n < j (first
     half, overwritten) and the input values of n >= j (second half); returns the first half.
 
     The columns of one of :func:`_update_levels`' groups read no column of their own group, so
-    each group is one pass of :func:`_mean_of_shortest_paths` (``pairs``: of the whole SGR call).
+    each group is one pass of :func:`_mean_of_shortest_paths` (``compiled``: as decided for the
+    whole SGR call).
     """
     num_gallery = len(neighbours)
     rows = np.where(neighbours < np.arange(num_gallery)[:, None], neighbours, neighbours + num_gallery)
@@ -160,28 +161,27 @@ def _sgr_sequential(source: np.ndarray, neighbours: np.ndarray, edge: np.ndarray
         def store(part: slice, mean: np.ndarray, columns: np.ndarray = columns) -> None:
             source[columns[part]] = mean
 
-        _mean_of_shortest_paths(source, rows[columns], edge[columns], K, store, pool, pairs)
+        _mean_of_shortest_paths(source, rows[columns], edge[columns], K, store, pool, compiled)
     return source[:num_gallery]
 
 
 def _mean_of_shortest_paths(source: np.ndarray, rows: np.ndarray, edge: np.ndarray, K: int,
                             store: Callable[[slice, np.ndarray], None], pool: ThreadPoolExecutor,
-                            pairs: int | None = None) -> None:
+                            compiled: bool | None = None) -> None:
     """SIM Eq. 5 for c = 0, 1, …: the mean of the K smallest of ``source[rows[c, i]] + edge[c, i]``
     over i (each a row of B path lengths), handed to ``store(columns, mean)`` in blocks of c.
 
     The K smallest come from :func:`smallest_sorted_network`; they are summed in ascending order
-    and divided by K.  The network runs as numpy steps (:func:`_network_means`) unless the
-    compiled loop (:func:`compiled_kernel`) is loaded in this process already, or ``pairs`` (the
-    (column, row) pairs of the whole computation this call is part of; default: this call's) plus
-    the pairs of the process's earlier numpy-step computations reach
-    :data:`COMPILED_KERNEL_MIN_PAIRS`.  Both give bitwise the same means.
+    and divided by K.  ``compiled``: run the compiled loop (:func:`compiled_kernel`), else the
+    numpy steps (:func:`_network_means`, whose pairs the process counts); ``None`` decides by this
+    call's pairs (:func:`use_compiled_kernel`).  Both give bitwise the same means.
     """
     k_graph = rows.shape[1]
     rows = np.ascontiguousarray(rows)
     edge = np.ascontiguousarray(edge, dtype=source.dtype)
-    pairs = len(rows) * source.shape[1] if pairs is None else pairs
-    if (k_graph, K) in _COMPILED_KERNELS or _stepped_pairs[0] + pairs >= COMPILED_KERNEL_MIN_PAIRS:
+    if compiled is None:
+        compiled = use_compiled_kernel(k_graph, K, len(rows) * source.shape[1])
+    if compiled:
         kernel, per_task = compiled_kernel(k_graph, K), SGR_COLUMNS_PER_TASK
     else:
         _stepped_pairs[0] += len(rows) * source.shape[1]
@@ -227,6 +227,14 @@ _COMPILED_KERNELS: dict[tuple[int, int], Callable[..., None]] = {}
 """The compiled SGR loops this process has loaded, by (k_graph, K)."""
 _stepped_pairs = [0]
 """(column, row) pairs this process has run through the numpy steps so far."""
+
+
+def use_compiled_kernel(k_graph: int, K: int, pairs: int) -> bool:
+    """Whether a computation of ``pairs`` (column, row) pairs runs SGR's compiled loop: when it is
+    loaded in this process already, or when ``pairs`` plus the pairs of the process's earlier
+    numpy-step computations reach :data:`COMPILED_KERNEL_MIN_PAIRS` (a long-lived process then
+    pays the load once it has spent as much on the slower steps)."""
+    return (k_graph, K) in _COMPILED_KERNELS or _stepped_pairs[0] + pairs >= COMPILED_KERNEL_MIN_PAIRS
 
 
 def compiled_kernel(k_graph: int, K: int) -> Callable[..., None]:
