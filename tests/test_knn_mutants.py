@@ -542,3 +542,116 @@ def test_report_line_of_a_setting_without_a_parameter():
     report = SearchReport(name="query lists", rows=50, k=5, method="exact", parameter=None, value=None,
                           recall=None, sample=0, target=None, scan_fraction=None, outcome="fixed", seconds=0.1)
     assert report.line() == "knn query lists (50 rows, k=5): exact (fixed; recall not measured)"
+
+
+# ------------------------------------------------------------------ survivors of a fresh sample (seed 7)
+
+
+def test_recall_keys_do_not_collide_across_rows() -> None:
+    """recall@k against a set intersection per row, on many rows with large indices (row-tagged
+    keys too narrow for the indices would match one row's items in another row)."""
+    rng = np.random.default_rng(71)
+    for _ in range(20):
+        truth = np.stack([rng.choice(60, 5, replace=False) for _ in range(30)])
+        found = np.stack([rng.choice(60, 5, replace=False) for _ in range(30)])
+        want = sum(len(set(f) & set(t)) for f, t in zip(found.tolist(), truth.tolist())) / truth.size
+        assert knn_module._recall(found, truth, None) == pytest.approx(want, abs=1e-12)
+
+
+def test_self_first_moves_the_item_to_column_zero_keeping_the_other_similarities() -> None:
+    """A row whose own index is not first (a duplicate of it ranked ahead): its own entry moves to
+    column 0 with similarity 1 and the others keep their order and values."""
+    idx = np.array([[1, 0, 2], [1, 2, 0], [2, 0, 1]])
+    sim = np.array([[1.0, 1.0, 0.5], [1.0, 0.4, 0.3], [1.0, 0.9, 0.8]], np.float32)
+    out_idx, out_sim = knn_module._self_first(idx.copy(), sim.copy())
+    np.testing.assert_array_equal(out_idx, [[0, 1, 2], [1, 2, 0], [2, 0, 1]])
+    np.testing.assert_array_equal(out_sim, np.array([[1.0, 1.0, 0.5], [1.0, 0.4, 0.3], [1.0, 0.9, 0.8]], np.float32))
+
+
+@pytest.mark.parametrize(("n", "want"), [(8, 1), (15, 1), (16, 2), (100, 12), (1000, 64), (100_000, 512)])
+def test_default_nlist_for_small_and_large_bases(n: int, want: int) -> None:
+    """Power of two nearest 2·sqrt(N), at least 16, at most N // 8, at least 1."""
+    assert knn_module.default_nlist(n) == want
+
+
+def test_knn_search_passes_the_method_on() -> None:
+    q, b = unit(np.random.default_rng(72).standard_normal((3, 4))), unit(np.random.default_rng(73).standard_normal((20, 4)))
+    with pytest.raises(InputError, match="unknown knn method 'nope'"):
+        knn_module.knn_search(q, b, 2, method="nope")
+
+
+def test_ivf_kmeans_trains_on_distinct_points_drawn_with_the_seed() -> None:
+    """The coarse quantizer equals faiss k-means run on the documented sample: n_train distinct
+    rows chosen with the seed (sorted), the index's k-means settings."""
+    import faiss
+
+    base = unit(np.random.default_rng(74).standard_normal((300, 6)))
+    params = IvfParams(nlist=4, train_points_per_list=64, kmeans_iterations=10)
+    index = NeighbourIndex(base, "ivf", ivf=params, seed=5)
+    sample = np.sort(np.random.default_rng(5).choice(300, 256, replace=False))
+    assert len(np.unique(sample)) == 256
+    want = faiss.IndexIVFFlat(faiss.IndexFlatIP(6), 6, 4, faiss.METRIC_INNER_PRODUCT)
+    want.cp.niter, want.cp.seed, want.cp.max_points_per_centroid = 10, 5, 64
+    want.train(np.ascontiguousarray(index.base[sample]))
+    np.testing.assert_array_equal(index._quantizer.reconstruct_n(0, 4), want.quantizer.reconstruct_n(0, 4))
+
+
+def test_hnsw_index_has_the_configured_links_and_its_sample_cost_counts_the_range() -> None:
+    import faiss
+
+    base = unit(np.random.default_rng(75).standard_normal((400, 8)))
+    index = NeighbourIndex(base, "hnsw", hnsw=HnswParams(M=12, ef_construction=40))
+    assert index._hnsw.hnsw.nb_neighbors(1) == 12 and index._hnsw.hnsw.efConstruction == 40
+    found, fraction = index._hnsw_sample(base[:50], 5, 100, 300, 32)
+    assert fraction == pytest.approx(faiss.cvar.hnsw_stats.ndis / (50 * 200))
+    assert ((found >= 100) & (found < 300)).all()
+
+
+def test_list_sizes_within_a_range_count_only_its_items() -> None:
+    index = NeighbourIndex(clustered(20, 15, 6, 0.3, 76), "ivf", ivf=IvfParams(nlist=8), seed=1)
+    assigned = index._probes[:, 0]
+    for lo, hi in [(0, 300), (0, 120), (1, 300), (50, 300), (40, 90)]:
+        want = [int(((assigned[lo:hi]) == lst).sum()) for lst in range(8)]
+        assert index._list_sizes(lo, hi).tolist() == want
+
+
+def test_recall_sample_is_drawn_with_the_seed() -> None:
+    """Two indexes with the same seed measure the same sample, hence the same recall; another
+    seed measures another sample (and here another recall)."""
+    feats = clustered(30, 10, 8, 0.8, 77)
+    target = RecallTarget(target=1.0, sample=40, exact_max_products=0)
+
+    def recalls(seed: int) -> list[float]:
+        index = NeighbourIndex(feats, "ivf", ivf=IvfParams(nlist=16), recall=target, seed=seed)
+        index.self_search(10)
+        return [r.recall for r in index.reports]
+
+    assert recalls(3) == recalls(3)
+    assert recalls(3) != recalls(5)
+
+
+def test_exact_fallback_report_keeps_k() -> None:
+    feats = clustered(30, 10, 8, 0.8, 78)
+    index = NeighbourIndex(feats, "ivf", ivf=IvfParams(nlist=16),
+                           recall=RecallTarget(target=1.0, sample=40, max_scan_fraction=0.05), seed=0)
+    index.self_search(10)
+    (report,) = index.reports
+    assert report.outcome == "exact fallback" and report.k == 10 and report.method == "exact"
+
+
+def test_self_search_fills_rows_whose_probed_lists_hold_fewer_than_k_items() -> None:
+    """nprobe 1 over 16 lists of ~19 items and k = 40: every row is short and filled exactly."""
+    feats = clustered(20, 15, 6, 0.3, 79)
+    index = NeighbourIndex(feats, "ivf", ivf=IvfParams(nlist=16, nprobe=1), seed=0)
+    idx, sim = index.self_search(40)
+    want_idx, want_sim = brute_force(feats, feats, 40)
+    np.testing.assert_allclose(sim[:, 1:], want_sim[:, 1:], atol=1e-5)
+    assert (idx[:, 0] == np.arange(len(feats))).all() and (idx >= 0).all()
+
+
+def test_hnsw_build_shows_its_progress_label(monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = []
+    real = knn_module.progress_bar
+    monkeypatch.setattr(knn_module, "progress_bar", lambda *a, **kw: labels.append(kw.get("desc")) or real(*a, **kw))
+    NeighbourIndex(unit(np.random.default_rng(80).standard_normal((50, 4))), "hnsw", progress=True)
+    assert labels == ["hnsw: build"]

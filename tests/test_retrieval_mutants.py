@@ -175,3 +175,22 @@ def test_whole_row_top_k_keeps_tied_values_in_column_order(dtype: type) -> None:
         down = sorted(range(40), key=lambda j, row=row: (-row[j], j))
         assert smallest_at[i].tolist() == up and smallest[i].tolist() == [row[j] for j in up]
         assert largest_at[i].tolist() == down and largest[i].tolist() == [row[j] for j in down]
+
+
+def test_graph_pair_similarity_reads_listed_pairs_and_computes_the_rest_in_the_graph_dtype() -> None:
+    """Listed pairs are read from the graph (here: marked values, to see where each came from),
+    every other pair is computed, including one whose key lies beyond the last listed pair; the
+    output has the graph's dtype."""
+    from vireid.retrieval.graph import NeighbourGraph
+
+    rng = np.random.default_rng(91)
+    feats = rng.standard_normal((6, 5)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    index = np.array([[0, 1], [1, 0], [2, 3], [3, 2], [4, 5], [0, 1]])     # the last row lists 0 and 1 only
+    marked = np.arange(12, dtype=np.float32).reshape(6, 2) + 10.0            # not similarities: read, not computed
+    graph = NeighbourGraph(index=index, sim=marked, min_sim=np.zeros(6, np.float32))
+    rows, cols = np.array([5, 2, 5, 1, 4]), np.array([5, 3, 1, 4, 5])
+    got = exact.graph_pair_similarity(feats, graph, rows, cols)
+    assert got.dtype == np.float32
+    dot = lambda r, c: float(feats[r].astype(np.float64) @ feats[c].astype(np.float64))  # noqa: E731
+    np.testing.assert_allclose(got, [dot(5, 5), 15.0, 21.0, dot(1, 4), 19.0], atol=1e-6)
