@@ -175,6 +175,30 @@ def test_reference_sgr_below_the_threshold_stays_on_the_numpy_steps_through_ever
     assert loads == [(5, 3)] and sim_module._stepped_pairs == [7 * 40]
 
 
+def test_paper_sgr_over_several_query_blocks_decides_once_for_all_of_them(numpy_steps, monkeypatch) -> None:
+    """Query blocks of two rows (7 queries: four blocks): the whole call's 7 × 40 pairs reach the
+    threshold, so every block runs the compiled loop; no block runs numpy steps first."""
+    from vireid.retrieval import exact as exact_module
+
+    loads = []
+    monkeypatch.setattr(exact_module, "BLOCK_ELEMENTS", 80)
+    monkeypatch.setattr(sim_module, "COMPILED_KERNEL_MIN_PAIRS", 7 * 40)
+    real = sim_module._load_kernel
+    monkeypatch.setattr(sim_module, "_load_kernel", lambda *a: loads.append(a) or real(*a))
+    rng = np.random.default_rng(44)
+    q, g = _unit(rng.standard_normal((7, 6))), _unit(rng.standard_normal((40, 6)))
+    got = sim_module.sgr(q, g, K=3, k_graph=5, variant="paper")
+    assert loads == [(5, 3)] and sim_module._stepped_pairs == [0]
+    qg = np.sqrt(np.maximum(2 - 2 * q.astype(np.float64) @ g.T.astype(np.float64), 0))
+    gg = np.sqrt(np.maximum(2 - 2 * g.astype(np.float64) @ g.T.astype(np.float64), 0))
+    hood = np.argsort(gg, axis=1, kind="stable")[:, :5]
+    for j in (0, 17, 39):
+        edges = 0.01 * gg[j, hood[j]]
+        edges[0] = 0.0
+        paths = np.sort(qg[:, hood[j]] + edges, axis=1)[:, :3].mean(axis=1)
+        np.testing.assert_allclose(got[:, j], paths, atol=1e-5)
+
+
 def test_numpy_steps_with_more_queries_than_pairs_per_task(numpy_steps) -> None:
     """A block of more than 65,536 query columns: one gallery column per task, still every column."""
     rng = np.random.default_rng(42)
