@@ -173,9 +173,16 @@ def _offer(lists: NeighbourGraph, block: np.ndarray, first_row: int, first_colum
     if transposed:
         merge_above_kth(lists.index, lists.sim, np.arange(rows.start, rows.stop), columns, by_row)
     else:
-        kk = min(lists.k, by_row.shape[1])
-        lists.sim[rows, :kk], pos = topk_largest(by_row, kk)
-        lists.index[rows, :kk] = columns[pos]
+        open_lists(lists.index, lists.sim, rows, columns, by_row)
+
+
+def open_lists(best_idx: np.ndarray, best_sim: np.ndarray, rows: np.ndarray | slice, items: np.ndarray,
+               sim: np.ndarray) -> None:
+    """Fills the empty top-k lists of ``rows`` with the top-k of ``sim`` (rows × ``items``: column j
+    is item ``items[j]``), best first; with fewer than k columns the rest of a list stays empty."""
+    kk = min(best_sim.shape[1], sim.shape[1])
+    best_sim[rows, :kk], pos = topk_largest(sim, kk)
+    best_idx[rows, :kk] = items[pos]
 
 
 def merge_above_kth(best_idx: np.ndarray, best_sim: np.ndarray, rows: np.ndarray, items: np.ndarray,

@@ -55,7 +55,7 @@ import numpy as np
 
 from vireid.errors import InputError
 from vireid.progress import progress_bar
-from vireid.retrieval.exact import l2_normalize, merge_above_kth, topk_largest
+from vireid.retrieval.exact import l2_normalize, merge_above_kth, open_lists
 
 log = logging.getLogger(__name__)
 
@@ -526,9 +526,7 @@ class NeighbourIndex:
                 part = rows[block_start:block_start + step]
                 sim = x[part] @ feat.T
                 if opening:                                     # empty lists: the list's own top-k
-                    kk = min(k, len(members))
-                    best_sim[part, :kk], pos = topk_largest(sim, kk)
-                    best_idx[part, :kk] = members[pos]
+                    open_lists(best_idx, best_sim, part, members, sim)
                 else:
                     merge_above_kth(best_idx, best_sim, part, members, sim)
         return best_idx, best_sim
