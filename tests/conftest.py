@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -25,6 +30,20 @@ def _limit_threads() -> None:
 
 
 _limit_threads()
+
+
+@contextmanager
+def script_module(relative_path: str, name: str) -> Iterator[ModuleType]:
+    """A repository script (``benchmarks/…``, ``tools/…``) imported as module ``name``, registered in
+    ``sys.modules`` while in use (dataclasses resolve annotations through it)."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
 
 
 def ranking_from_prefix(order: np.ndarray, lengths: np.ndarray, num_gallery: int) -> np.ndarray:

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import script_module
 from vireid.errors import InputError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_methods", REPO / "benchmarks" / "methods.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_methods"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_methods", None)
+    with script_module("benchmarks/methods.py", "bench_methods") as module:
+        yield module
 
 
 def write(folder: Path, name: str, text: str) -> Path:

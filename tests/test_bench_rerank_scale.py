@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import script_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_rerank_scale", REPO / "benchmarks" / "rerank_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_rerank_scale"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_rerank_scale", None)
+    with script_module("benchmarks/rerank_scale.py", "bench_rerank_scale") as module:
+        yield module
 
 
 def _args(knn: str) -> argparse.Namespace:

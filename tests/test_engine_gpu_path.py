@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from conftest import script_module
 from vireid.cli import main as cli_main
 from vireid.data.protocols import build_protocol, regdb_trials_for_split
 from vireid.engine import distributed
@@ -163,12 +164,8 @@ def test_engine_collectives_keep_tensors_on_a_cuda_device(monkeypatch: pytest.Mo
 def realistic_features(distance: float = 0.448, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """The 2048-d ResNet-50-like features of ``benchmarks/amp_loss_precision.py`` (2 identities x
     (2 visible + 2 infrared), images 0 and 1 ``distance`` apart), with their modality."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("amp_loss_precision", REPO / "benchmarks" / "amp_loss_precision.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    feats, labels = bench.features(seed, distance)
+    with script_module("benchmarks/amp_loss_precision.py", "amp_loss_precision") as bench:
+        feats, labels = bench.features(seed, distance)
     return feats, labels, torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
 
 

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import script_module
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("mutation_tool", REPO / "tools" / "mutation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mutation_tool"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("mutation_tool", None)
+    with script_module("tools/mutation.py", "mutation_tool") as module:
+        yield module
 
 
 def test_every_source_file_of_the_three_packages_is_mapped_to_existing_tests(tool):
